@@ -1,0 +1,266 @@
+"""asyncio helpers for Serval streams: `open_connection`, `start_server`, `connect`.
+
+They mirror `asyncio.open_connection` / `asyncio.start_server`, with a serviceID where those
+take a host and port. servald is asked over a non-blocking control connection (the event loop
+never blocks), and the streams are built on the real kernel TCP socket it passes, through
+`asyncio.open_connection(sock=...)`: reads and writes are plain asyncio socket I/O.
+
+The Serval identity of a stream (peer serviceID and address, flow, establishment mode) is
+`connection_info(writer)`.
+
+Migration seam: when the migration work lands, servald will swap the TCP socket under a live
+stream. asyncio's selector transport keeps the fd *number* it was given, so the library only
+needs to pause the transport's reading, install the new socket under the same number
+(`serval.socket.socket._adopt_fd` does the dup3) and resume; the control connection then stays
+open with a ``watch`` subscription instead of being closed after `connect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import inspect
+import socket as _stdsocket
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from serval.control import AsyncControlClient, Frame, close_fds, control_socket_path, os_error
+from serval.core.ids import ServiceID
+from serval.errors import ControlProtocolError
+from serval.socket import (
+    CONNECT_REPLY_MARGIN_S,
+    DEFAULT_BACKLOG,
+    ConnectionInfo,
+    ServiceLike,
+    to_service,
+)
+
+__all__ = [
+    "ClientConnectedCallback",
+    "Server",
+    "connect",
+    "connection_info",
+    "open_connection",
+    "start_server",
+]
+
+STREAM_LIMIT_BYTES = 2**16  # asyncio's default StreamReader buffer limit
+
+ClientConnectedCallback = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None
+]
+
+_INFO: weakref.WeakKeyDictionary[asyncio.StreamWriter, ConnectionInfo] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def connection_info(writer: asyncio.StreamWriter) -> ConnectionInfo:
+    """The Serval identity of a stream opened by this module (KeyError for others)."""
+    return _INFO[writer]
+
+
+def _socket_from(
+    frame: Frame, service: ServiceID | None
+) -> tuple[_stdsocket.socket, ConnectionInfo]:
+    if len(frame.fds) != 1:
+        close_fds(frame.fds)
+        raise ControlProtocolError(f"expected one TCP fd from servald, got {len(frame.fds)}")
+    try:
+        info = ConnectionInfo.from_message(frame.message, service)
+    except BaseException:
+        close_fds(frame.fds)
+        raise
+    sock = _stdsocket.socket(fileno=frame.fds[0])
+    sock.setblocking(False)
+    return sock, info
+
+
+async def connect(
+    service: ServiceLike,
+    *,
+    timeout_s: float | None = None,
+    mode: str | None = None,
+    control_socket: str | None = None,
+) -> tuple[_stdsocket.socket, ConnectionInfo]:
+    """Ask servald for a connection; return the connected, non-blocking TCP socket.
+
+    For code that drives the fd itself (the translator hands it to the splice engine).
+    `timeout_s` None uses servald's configured connect timeout.
+    """
+    target = to_service(service)
+    subject = f"service {service}"
+    fields: dict[str, Any] = {"service": str(target), "type": "stream"}
+    if timeout_s is not None:
+        fields["timeout_s"] = timeout_s
+    if mode is not None:
+        fields["mode"] = mode
+    client = await AsyncControlClient.connect(control_socket)
+    try:
+        wait_s = None if timeout_s is None else timeout_s + CONNECT_REPLY_MARGIN_S
+        frame = await client.call("connect", fields, wait_s=wait_s, subject=subject)
+    finally:
+        client.close()
+    sock, info = _socket_from(frame, target)
+    if info.peer.service is None:
+        info = dataclasses.replace(info, peer=info.peer._replace(service=target))
+    return sock, info
+
+
+async def open_connection(
+    service: ServiceLike,
+    *,
+    timeout_s: float | None = None,
+    mode: str | None = None,
+    control_socket: str | None = None,
+    limit: int = STREAM_LIMIT_BYTES,
+    **kwargs: Any,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to `service`; return (reader, writer) like `asyncio.open_connection`.
+
+    Extra keyword arguments go to `asyncio.open_connection` (e.g. ``ssl``).
+    """
+    sock, info = await connect(
+        service, timeout_s=timeout_s, mode=mode, control_socket=control_socket
+    )
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    _INFO[writer] = info
+    return reader, writer
+
+
+class Server:
+    """A listening Serval service, like `asyncio.Server` (returned by `start_server`).
+
+    The listener lives as long as its control connection: `close()` ends it and servald
+    withdraws the service at once (and its registrations with the routers).
+    """
+
+    def __init__(
+        self,
+        client: AsyncControlClient,
+        service: ServiceID,
+        handler: ClientConnectedCallback,
+        limit: int,
+        stream_kwargs: dict[str, Any],
+    ) -> None:
+        self.service = service
+        self._client = client
+        self._handler = handler
+        self._limit = limit
+        self._stream_kwargs = stream_kwargs
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
+
+    def _start(self) -> None:
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    @property
+    def control_path(self) -> str:
+        return self._client.path
+
+    def is_serving(self) -> bool:
+        return self._accept_task is not None and not self._accept_task.done()
+
+    async def _accept_loop(self) -> None:
+        try:
+            while True:
+                frame = await self._client.next_event()
+                if frame is None:
+                    return  # servald went away or we were closed
+                if frame.message.get("event") != "accept":
+                    close_fds(frame.fds)
+                    continue
+                try:
+                    sock, info = _socket_from(frame, self.service)
+                except ControlProtocolError:
+                    continue  # one malformed event costs one connection, not the listener
+                task = asyncio.get_running_loop().create_task(self._run_handler(sock, info))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+        finally:
+            self._client.close()
+
+    async def _run_handler(self, sock: _stdsocket.socket, info: ConnectionInfo) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(
+                sock=sock, limit=self._limit, **self._stream_kwargs
+            )
+        except BaseException:
+            sock.close()
+            raise
+        _INFO[writer] = info
+        result = self._handler(reader, writer)
+        if inspect.isawaitable(result):
+            await result
+
+    def close(self) -> None:
+        """Stop accepting (the service is withdrawn); running handlers go on."""
+        if self._accept_task is not None and not self._accept_task.done():
+            self._accept_task.cancel()
+        self._client.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the accept loop has ended (after `close()` or when servald went away)."""
+        if self._accept_task is None:
+            return
+        # Awaiting the task, not an event its `finally` sets: a task cancelled before its
+        # first step never runs that `finally`.
+        await asyncio.wait({self._accept_task})  # unlike gather, never cancels the task
+        self._client.close()
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed (it serves from `start_server` on)."""
+        if self._accept_task is None:
+            raise os_error(errno.EINVAL, "server is not started")
+        await asyncio.wait({self._accept_task})
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<serval.asyncio.Server {self.service} serving={self.is_serving()}>"
+
+
+async def start_server(
+    client_connected_cb: ClientConnectedCallback,
+    service: ServiceLike,
+    *,
+    backlog: int = DEFAULT_BACKLOG,
+    weight: int = 1,
+    priority: int = 0,
+    control_socket: str | None = None,
+    limit: int = STREAM_LIMIT_BYTES,
+    **kwargs: Any,
+) -> Server:
+    """Serve `service`: call `client_connected_cb(reader, writer)` for each connection.
+
+    `weight` and `priority` steer the routers' anycast. Extra keyword arguments go to
+    `asyncio.open_connection` for each accepted stream.
+    """
+    target = to_service(service)
+    client = await AsyncControlClient.connect(control_socket_path(control_socket))
+    fields = {
+        "service": str(target),
+        "type": "stream",
+        "backlog": max(1, min(int(backlog), 65535)),
+        "weight": weight,
+        "priority": priority,
+    }
+    try:
+        await client.call("listen", fields, subject=f"service {service}")
+    except BaseException:
+        client.close()
+        raise
+    server = Server(client, target, client_connected_cb, limit, kwargs)
+    server._start()
+    return server

@@ -1,0 +1,639 @@
+"""Serval sockets with the Python socket surface, talking to servald over its control API.
+
+Theory of operation
+-------------------
+A `serval.socket` is a small state machine over two kinds of kernel object:
+
+- a **control connection** to servald (`serval.control.ControlClient`), used to ask for
+  things: `connect` (answered with the connected TCP fd), `listen` (after which servald pushes
+  one ``accept`` event with an fd per new connection), `dgram_bind` and `sendto` (after which
+  servald pushes ``datagram`` events);
+- for a **connected stream socket**, the real kernel TCP socket servald built (repair or
+  handshake mode, see docs) and passed with SCM_RIGHTS. All stream I/O goes straight to it
+  with plain syscalls: `fileno()` returns it, so it is pollable, spliceable and as fast as any
+  TCP socket. The control connection used to set it up is closed.
+
+`fileno()` therefore means: the TCP fd for a connected stream socket; the control connection
+for a listener or a datagram socket (it becomes readable when servald pushes an accept or a
+datagram, so select/poll work; events read while waiting for a `sendto` answer are queued in
+user space, see `pending()`); -1 before anything was opened.
+
+Blocking behaviour follows the stdlib: `settimeout(None)` blocks, `settimeout(t)` raises
+TimeoutError after t seconds, `setblocking(False)` raises BlockingIOError instead of waiting.
+A non-blocking `connect()` sends the request and raises BlockingIOError(EINPROGRESS); the
+socket's `fileno()` (the control connection meanwhile) becomes *readable* when servald has
+answered, and calling `connect()` again completes it (EALREADY while still pending). When it
+completes, `fileno()` becomes the TCP fd.
+
+Errors are the usual exceptions (ConnectionRefusedError, TimeoutError, OSError with errno,
+...) and at the same time `serval.errors.ServalError`; their message names the serviceID.
+
+Migration seam (docs/control-api.md, ``watch``; implemented by the migration work)
+------------------------------------------------------------------------------
+All stream I/O goes through ``self._sock``, one stdlib socket whose fd number the application
+sees. When servald moves the flow it rebuilds the TCP socket elsewhere and passes the new fd
+(``migration`` event, phase ``swap``). The library then has to park its own I/O, call
+`socket._adopt_fd(new_fd)`, which installs the new socket under the *same fd number* (dup3)
+so the application and any event loop keep their registrations, and resume. Today connected
+sockets close their control connection after `connect`/`accept`; the migration work keeps it
+open with a ``watch`` subscription and drives `_adopt_fd` from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import os
+import socket as _stdsocket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from serval.control import (
+    DEFAULT_REPLY_TIMEOUT_S,
+    ControlClient,
+    Frame,
+    close_fds,
+    get_field,
+    get_optional_field,
+    os_error,
+)
+from serval.core.ids import ServiceID
+from serval.errors import ControlProtocolError, ServiceIDError
+
+__all__ = [
+    "MAX_DATAGRAM_BYTES",
+    "SOCK_DGRAM",
+    "SOCK_STREAM",
+    "ConnectionInfo",
+    "ServalAddress",
+    "ServiceLike",
+    "create_connection",
+    "socket",
+    "to_service",
+]
+
+SOCK_STREAM = _stdsocket.SOCK_STREAM
+SOCK_DGRAM = _stdsocket.SOCK_DGRAM
+
+# Largest unconnected datagram: its base64 form plus the JSON around it must fit in one
+# 64 KiB control frame (65536 * 3/4 = 49152, minus room for the keys and a 64-digit ID).
+MAX_DATAGRAM_BYTES = 48000
+DEFAULT_BACKLOG = 128
+# servald answers a connect within the timeout it was given; this margin covers the control
+# round trip and the daemon's own scheduling, so its ETIMEDOUT (naming the service) wins.
+CONNECT_REPLY_MARGIN_S = 2.0
+
+ServiceLike = ServiceID | str
+
+
+class ServalAddress(NamedTuple):
+    """The Serval name of one end: its serviceID (None when it has none, e.g. a client) and
+    the IP address of its host. `instance` says which host served a `connect`."""
+
+    service: ServiceID | None
+    address: str | None
+    instance: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What servald reported about a connected stream: flow, both ends, establishment mode."""
+
+    flow: int | None
+    peer: ServalAddress
+    service: ServiceID | None  # the service we connected to / accepted on
+    local: tuple[str, int] | None  # the kernel TCP endpoints of the real socket
+    remote: tuple[str, int] | None
+    mode: str | None  # "repair" or "handshake"
+    proxy: Mapping[str, Any] | None = None  # translator: the original client, when given
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any], service: ServiceID | None) -> ConnectionInfo:
+        peer = message.get("peer")
+        peer_map: Mapping[str, Any] = peer if isinstance(peer, Mapping) else {}
+        service_text = message.get("service")
+        if isinstance(service_text, str):
+            service = _parse_reported(service_text, "service")
+        proxy = message.get("proxy")
+        return cls(
+            flow=get_optional_field(message, "flow", int),
+            peer=ServalAddress(
+                _parse_reported(peer_map.get("service"), "peer.service"),
+                _optional_str(peer_map, "address"),
+                _optional_str(peer_map, "instance"),
+            ),
+            service=service,
+            local=_endpoint(message.get("local"), "local"),
+            remote=_endpoint(message.get("remote"), "remote"),
+            mode=get_optional_field(message, "mode", str),
+            proxy=proxy if isinstance(proxy, Mapping) else None,
+        )
+
+
+def _optional_str(message: Mapping[str, Any], name: str) -> str | None:
+    return get_optional_field(message, name, str)
+
+
+def _parse_reported(text: object, name: str) -> ServiceID | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ControlProtocolError(f"field {name!r} must be a serviceID string", framing_lost=False)
+    try:
+        return ServiceID.parse(text)
+    except ServiceIDError as exc:
+        raise ControlProtocolError(f"field {name!r}: {exc}", framing_lost=False) from exc
+
+
+def _endpoint(value: object, name: str) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ControlProtocolError(f"field {name!r} must be an object", framing_lost=False)
+    return get_field(value, "address", str), get_field(value, "port", int)
+
+
+def to_service(service: ServiceLike) -> ServiceID:
+    """A serviceID from a `ServiceID` or any text form `ServiceID.parse` accepts."""
+    if isinstance(service, ServiceID):
+        return service
+    if isinstance(service, str):
+        return ServiceID.parse(service)
+    raise TypeError(f"a serviceID must be a ServiceID or str, not {type(service).__name__}")
+
+
+def _subject(service: ServiceLike) -> str:
+    """How error messages name a service: as the user wrote it."""
+    return f"service {service}"
+
+
+class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
+    """A Serval socket: `serval.socket(serval.SOCK_STREAM)` or `serval.socket(serval.SOCK_DGRAM)`.
+
+    `control_socket` overrides the control socket path ($SERVAL_CONTROL_SOCKET, then
+    /run/serval/servald.sock).
+    """
+
+    def __init__(self, type: int = SOCK_STREAM, *, control_socket: str | None = None) -> None:
+        if type not in (SOCK_STREAM, SOCK_DGRAM):
+            raise ValueError(f"serval sockets are SOCK_STREAM or SOCK_DGRAM, not {type!r}")
+        self._type = type
+        self._control_path = control_socket
+        self._timeout: float | None = _stdsocket.getdefaulttimeout()
+        self._lock = threading.RLock()
+        self._control: ControlClient | None = None
+        self._sock: _stdsocket.socket | None = None  # connected stream: the real TCP socket
+        self._bound: ServiceID | None = None
+        self._listening = False
+        self._peer: ServalAddress | None = None
+        self._connecting: tuple[int, ServiceLike, ServiceID] | None = None
+        self._closed = False
+        self._accepted = False
+        self.info: ConnectionInfo | None = None  # connected streams: what servald reported
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    @property
+    def type(self) -> int:
+        return self._type
+
+    def fileno(self) -> int:
+        """The TCP fd when connected, the control connection for listeners and datagram
+        sockets (readable when an accept/datagram is pending), -1 otherwise."""
+        if self._sock is not None:
+            return self._sock.fileno()
+        if self._control is not None:
+            return self._control.fileno()
+        return -1
+
+    def getsockname(self) -> ServalAddress:
+        """Our serviceID (bound, listening, or the one a connection was accepted on) and,
+        when connected, our host's address."""
+        self._check_open()
+        if self.info is None:
+            return ServalAddress(self._bound, None)
+        local_address = self.info.local[0] if self.info.local else None
+        return ServalAddress(self.info.service if self._accepted else None, local_address)
+
+    def getpeername(self) -> ServalAddress:
+        """The peer's serviceID and address (ENOTCONN when not connected)."""
+        self._check_open()
+        if self._peer is None:
+            raise os_error(errno.ENOTCONN, "serval socket is not connected")
+        return self._peer
+
+    # -- timeouts ---------------------------------------------------------------------------------
+
+    def settimeout(self, timeout: float | None) -> None:
+        if timeout is not None:
+            timeout = float(timeout)
+            if timeout < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = timeout
+        if self._sock is not None:
+            self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    # -- stream: client ---------------------------------------------------------------------------
+
+    def connect(self, service: ServiceLike, *, mode: str | None = None) -> None:
+        """Connect to a service. `mode` forces ``repair`` or ``handshake`` establishment."""
+        with self._lock:
+            self._check_open()
+            if self._type == SOCK_DGRAM:
+                self._peer = ServalAddress(to_service(service), None)
+                self._ensure_dgram_bound()
+                return
+            if self._sock is not None:
+                raise os_error(errno.EISCONN, f"serval socket is already connected to {self._peer}")
+            if self._connecting is not None:
+                self._continue_connect()
+                return
+            if self._listening:
+                raise os_error(errno.EINVAL, "a listening serval socket cannot connect")
+            target = to_service(service)
+            fields: dict[str, Any] = {"service": str(target), "type": "stream"}
+            if self._timeout:
+                fields["timeout_s"] = self._timeout
+            if mode is not None:
+                fields["mode"] = mode
+            control = ControlClient(self._control_path)
+            self._control = control
+            try:
+                request_id = control.start("connect", fields)
+            except BaseException:
+                self._drop_control()
+                raise
+            self._connecting = (request_id, service, target)
+            if self._timeout == 0.0:
+                raise os_error(errno.EINPROGRESS, f"{_subject(service)}: connect in progress")
+            self._continue_connect()
+
+    def connect_ex(self, service: ServiceLike) -> int:
+        """Like connect, but returns an errno (0 on success) instead of raising OSError."""
+        try:
+            self.connect(service)
+        except OSError as exc:
+            return exc.errno if exc.errno is not None else errno.EIO
+        return 0
+
+    def _continue_connect(self) -> None:
+        assert self._connecting is not None and self._control is not None
+        request_id, service, target = self._connecting
+        if self._timeout == 0.0 and not self._control.answered(request_id):
+            raise os_error(errno.EALREADY, f"{_subject(service)}: connect still in progress")
+        wait_s = None if self._timeout is None else self._timeout + CONNECT_REPLY_MARGIN_S
+        try:
+            frame = self._control.finish(request_id, wait_s=wait_s, subject=_subject(service))
+        except BaseException:
+            self._connecting = None
+            self._drop_control()
+            raise
+        self._connecting = None
+        # The control connection has done its job (see the migration seam in the module doc).
+        self._drop_control()
+        self._become_connected(frame, target, accepted=False)
+
+    def _become_connected(self, frame: Frame, service: ServiceID | None, *, accepted: bool) -> None:
+        if len(frame.fds) != 1:
+            close_fds(frame.fds)
+            raise ControlProtocolError(f"expected one TCP fd from servald, got {len(frame.fds)}")
+        try:
+            info = ConnectionInfo.from_message(frame.message, service)
+        except BaseException:
+            close_fds(frame.fds)
+            raise
+        sock = _stdsocket.socket(fileno=frame.fds[0])
+        sock.settimeout(self._timeout)
+        self._sock = sock
+        self.info = info
+        self._accepted = accepted
+        peer = info.peer
+        if not accepted and peer.service is None:
+            peer = peer._replace(service=service)
+        self._peer = peer
+
+    # -- stream: server ---------------------------------------------------------------------------
+
+    def bind(self, service: ServiceLike) -> None:
+        """Bind to a serviceID. Streams register it at `listen()`; datagrams at once."""
+        with self._lock:
+            self._check_open()
+            if self._bound is not None:
+                raise os_error(errno.EINVAL, f"serval socket is already bound to {self._bound}")
+            target = to_service(service)
+            if self._type == SOCK_DGRAM:
+                self._dgram_bind(target, service)
+            else:
+                self._bound = target
+
+    def listen(
+        self, backlog: int = DEFAULT_BACKLOG, *, weight: int = 1, priority: int = 0
+    ) -> None:
+        """Start serving the bound serviceID; `weight` and `priority` steer anycast to us."""
+        with self._lock:
+            self._check_open()
+            if self._type != SOCK_STREAM:
+                raise os_error(errno.EOPNOTSUPP, "listen() needs a SOCK_STREAM serval socket")
+            if self._bound is None:
+                raise os_error(errno.EDESTADDRREQ, "bind() a serviceID before listen()")
+            if self._listening:
+                return
+            control = ControlClient(self._control_path)
+            self._control = control
+            fields = {
+                "service": str(self._bound),
+                "type": "stream",
+                "backlog": max(1, min(int(backlog), 65535)),
+                "weight": weight,
+                "priority": priority,
+            }
+            try:
+                control.call("listen", fields, subject=_subject(self._bound))
+            except BaseException:
+                self._drop_control()
+                raise
+            self._listening = True
+
+    def accept(self) -> tuple[socket, ServalAddress]:
+        """The next connection and the peer's (serviceID, address)."""
+        self._check_open()
+        control = self._control
+        if not self._listening or control is None:
+            raise os_error(errno.EINVAL, "accept() needs a listening serval socket")
+        subject = _subject(self._bound) if self._bound else "listener"
+        while True:
+            frame = self._next_event(control, subject)
+            if frame.message.get("event") != "accept":
+                close_fds(frame.fds)  # not ours to handle (future event kinds)
+                continue
+            conn = socket(SOCK_STREAM, control_socket=self._control_path)
+            conn.settimeout(_stdsocket.getdefaulttimeout())
+            conn._become_connected(frame, self._bound, accepted=True)
+            return conn, conn.getpeername()
+
+    def _next_event(self, control: ControlClient, subject: str) -> Frame:
+        # No socket lock is held while waiting: like a kernel socket, one thread may block
+        # in accept()/recvfrom() while another sends or closes (close wakes it with EBADF).
+        if self._timeout == 0.0:
+            frame = control.poll_event()
+            if frame is None:
+                raise os_error(errno.EAGAIN, f"{subject}: nothing pending")
+            return frame
+        return control.next_event(self._timeout)
+
+    def pending(self) -> int:
+        """Events (accepts, datagrams) already read into user space and not yet taken."""
+        return 0 if self._control is None else self._control.pending_events
+
+    # -- stream I/O: straight to the kernel TCP socket --------------------------------------------
+
+    def _stream(self) -> _stdsocket.socket:
+        if self._sock is None:
+            self._check_open()
+            raise os_error(errno.ENOTCONN, "serval socket is not connected")
+        return self._sock
+
+    def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
+        if self._type == SOCK_DGRAM:
+            return self.sendto(data, self._dgram_peer())
+        return self._stream().send(data, flags)
+
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        if self._type == SOCK_DGRAM:
+            self.sendto(data, self._dgram_peer())
+            return
+        self._stream().sendall(data, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._type == SOCK_DGRAM:
+            return self.recvfrom(bufsize)[0]
+        return self._stream().recv(bufsize, flags)
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        if self._type == SOCK_DGRAM:
+            data, _ = self.recvfrom(nbytes or len(buffer))
+            memoryview(buffer)[: len(data)] = data
+            return len(data)
+        return self._stream().recv_into(buffer, nbytes, flags)
+
+    def shutdown(self, how: int) -> None:
+        self._stream().shutdown(how)
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        self._stream().setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0) -> int | bytes:
+        if buflen:
+            return self._stream().getsockopt(level, option, buflen)
+        return self._stream().getsockopt(level, option)
+
+    def makefile(self, mode: str = "r", buffering: int | None = None, **kwargs: Any) -> Any:
+        """A file object on the TCP socket (as socket.makefile)."""
+        return self._stream().makefile(mode, buffering, **kwargs)  # type: ignore[call-overload]
+
+    # -- datagrams ----------------------------------------------------------------------------
+
+    def _dgram_peer(self) -> ServalAddress:
+        if self._peer is None:
+            raise os_error(errno.EDESTADDRREQ, "serval datagram socket has no default peer")
+        return self._peer
+
+    def _dgram_bind(self, target: ServiceID | None, named: ServiceLike | None) -> None:
+        if self._control is None:
+            self._control = ControlClient(self._control_path)
+        fields = {} if target is None else {"service": str(target)}
+        subject = _subject(named) if named is not None else "datagram autobind"
+        try:
+            frame = self._control.call("dgram_bind", fields, subject=subject)
+        except BaseException:
+            if self._bound is None:
+                self._drop_control()
+            raise
+        reported = _parse_reported(frame.message.get("service"), "service")
+        self._bound = reported if reported is not None else target
+
+    def _ensure_dgram_bound(self) -> ControlClient:
+        if self._bound is None:
+            self._dgram_bind(None, None)
+        assert self._control is not None
+        return self._control
+
+    def sendto(
+        self, data: bytes | bytearray | memoryview, address: ServiceLike | ServalAddress
+    ) -> int:
+        """Send one unconnected datagram to a service, resolved hop by hop.
+
+        `address` may be a `ServalAddress` from `recvfrom`: its host address then goes along
+        as a hint, so replies reach an autobound (unregistered) sender directly.
+        """
+        with self._lock:
+            self._check_open()
+            if self._type != SOCK_DGRAM:
+                raise os_error(errno.EOPNOTSUPP, "sendto() needs a SOCK_DGRAM serval socket")
+            hint: str | None = None
+            if isinstance(address, ServalAddress):
+                if address.service is None:
+                    raise os_error(errno.EDESTADDRREQ, f"{address} has no serviceID to send to")
+                service: ServiceLike = address.service
+                hint = address.address
+            else:
+                service = address
+            target = to_service(service)
+            payload = bytes(data)
+            if len(payload) > MAX_DATAGRAM_BYTES:
+                raise os_error(
+                    errno.EMSGSIZE,
+                    f"{_subject(service)}: datagram of {len(payload)} bytes is larger than "
+                    f"{MAX_DATAGRAM_BYTES}",
+                )
+            control = self._ensure_dgram_bound()
+        fields: dict[str, Any] = {
+            "service": str(target),
+            "data": base64.b64encode(payload).decode("ascii"),
+        }
+        if hint is not None:
+            fields["address"] = hint
+        # servald answers a sendto at once (resolution is hop by hop, nothing waits for the
+        # peer); the floor keeps a short socket timeout from abandoning a healthy request.
+        wait_s = DEFAULT_REPLY_TIMEOUT_S if self._timeout is None else max(self._timeout, 1.0)
+        control.call("sendto", fields, wait_s=wait_s, subject=_subject(service))
+        return len(payload)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, ServalAddress]:
+        """The next datagram (cut to `bufsize`, like UDP) and its sender."""
+        self._check_open()
+        if self._type != SOCK_DGRAM:
+            data = self._stream().recv(bufsize, flags)
+            return data, self.getpeername()
+        control = self._control
+        if self._bound is None or control is None:
+            raise os_error(errno.EINVAL, "bind() or sendto() before recvfrom()")
+        subject = _subject(self._bound)
+        while True:
+            frame = self._next_event(control, subject)
+            close_fds(frame.fds)
+            if frame.message.get("event") != "datagram":
+                continue
+            return self._parse_datagram(frame.message, bufsize)
+
+    def recvfrom_into(
+        self, buffer: bytearray | memoryview, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, ServalAddress]:
+        data, source = self.recvfrom(nbytes or len(buffer), flags)
+        memoryview(buffer)[: len(data)] = data
+        return len(data), source
+
+    @staticmethod
+    def _parse_datagram(message: Mapping[str, Any], bufsize: int) -> tuple[bytes, ServalAddress]:
+        source = get_field(message, "source", dict)
+        try:
+            data = base64.b64decode(get_field(message, "data", str), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ControlProtocolError(f"datagram 'data' is not base64: {exc}") from exc
+        sender = ServalAddress(
+            _parse_reported(source.get("service"), "source.service"),
+            _optional_str(source, "address"),
+        )
+        return data[:bufsize], sender
+
+    # -- closing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket; a listener or datagram binding ends with its control connection."""
+        self._closed = True
+        self._drop_control()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        self._listening = False
+        self._connecting = None
+
+    def detach(self) -> int:
+        """For a connected stream: give up the TCP fd without closing it (returns it)."""
+        sock = self._stream()
+        self._sock = None
+        self._closed = True
+        return sock.detach()
+
+    def _drop_control(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise os_error(errno.EBADF, "serval socket is closed")
+
+    def __enter__(self) -> socket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Like the stdlib socket: an unreferenced socket releases its fds.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        kind = "SOCK_STREAM" if self._type == SOCK_STREAM else "SOCK_DGRAM"
+        if self._closed:
+            state = "closed"
+        elif self._sock is not None:
+            state = f"connected fd={self._sock.fileno()} peer={self._peer}"
+        elif self._listening:
+            state = f"listening on {self._bound}"
+        elif self._bound is not None:
+            state = f"bound to {self._bound}"
+        else:
+            state = "unconnected"
+        return f"<serval.socket {kind} {state}>"
+
+    # -- migration seam (see the module docstring) --------------------------------------------
+
+    def _adopt_fd(self, new_fd: int) -> None:
+        """Install `new_fd` (a rebuilt TCP socket) under this socket's fd number and close it.
+
+        dup3 replaces the old file atomically, so a thread blocked on the number never sees a
+        closed or foreign fd; close-on-exec stays set (servald-passed fds carry it) and the
+        blocking mode, a file-status flag of the new file, is applied again. Parking and
+        resuming the socket's own I/O around this belongs to the migration work.
+        """
+        sock = self._stream()
+        if new_fd == sock.fileno():
+            return
+        os.dup2(new_fd, sock.fileno(), inheritable=False)
+        os.close(new_fd)
+        sock.settimeout(self._timeout)
+
+
+def create_connection(
+    service: ServiceLike,
+    timeout: float | None = None,
+    *,
+    mode: str | None = None,
+    control_socket: str | None = None,
+) -> socket:
+    """Connect a new stream socket to `service` (as socket.create_connection)."""
+    sock = socket(SOCK_STREAM, control_socket=control_socket)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(service, mode=mode)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
