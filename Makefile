@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard splice_ext/*.pyx splice_ext/*.pxd s
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m serval.demo
+	@if [ "$$(id -u)" -eq 0 ]; then $(PY) -m serval.demo_netns; else \
+	  echo "make demo: the namespace demo needs root; showing the in-memory protocol trace instead"; \
+	  $(PY) -m serval.demo; fi
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
