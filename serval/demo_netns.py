@@ -14,8 +14,9 @@ Topology (serval/topology.py; every host its own network namespace)::
   web.example with weights 1:2:1 (bundled servald, registered with the router).
 
 Steps: curl through the appliance; an instance host moved to a new address during a long
-download that must arrive intact (needs migration in servald and in the appliance's relay; the
-step says plainly why it is skipped when either cannot migrate); the load spread by weight (table
+download that must arrive intact (servald moves the flow, both appliances' relays park, swap and
+resume; the step says plainly why it is skipped when servald cannot migrate, i.e. no
+TCP_REPAIR, or SERVAL_MIGRATION=0 opts the appliances out); the load spread by weight (table
 and PNG); an instance killed (kill -9 of its servald and exporter) while traffic runs on.
 Everything is torn down at the end, whatever happened; the exit status is non-zero when a step
 failed.
@@ -870,13 +871,18 @@ class Demo:
                 ends = [end for end, flows in ((f"{name}'s exporter", instance_flows),
                                                ("the front appliance", appliance_flows))
                         if not flows]
-                reason = (f"servald can migrate, but serval-translator does not hand its "
-                          f"relayed connections to servald's migration engine yet: the flow "
-                          f"of this download is not watched by {' nor by '.join(ends)}")
-                self.console.info(f"  served by {name}; {reason}")
-                self.console.info(f"  moving {name} now would cut the download: not attempted")
-                return StepOutcome("migrate", STATUS_SKIP, "migration unavailable: " + reason,
-                                   time.monotonic() - started, {"reason": reason})
+                if os.environ.get("SERVAL_MIGRATION", "1") == "0":
+                    # The operator opted out: the appliances do not watch their flows.
+                    reason = (f"SERVAL_MIGRATION=0: the flow of this download is not watched "
+                              f"by {' nor by '.join(ends)}")
+                    self.console.info(f"  served by {name}; {reason}")
+                    self.console.info(f"  moving {name} now would cut the download: "
+                                      f"not attempted")
+                    return StepOutcome("migrate", STATUS_SKIP, "migration unavailable: " + reason,
+                                       time.monotonic() - started, {"reason": reason})
+                # servald can migrate and serval-translator watches every migratable flow.
+                raise DemoError(f"the flow of this download is not watched by "
+                                f"{' nor by '.join(ends)} although servald can migrate")
             received = out.stat().st_size
             new = str(self.topo.add_address(name, DC_LAN))
             self.console.info(f"  served by {name} (Serval flow {instance_flows[0]['flow']}); at "

@@ -41,6 +41,7 @@ from translator.config import ExporterConfig
 from translator.control_pool import connect_error_reason
 from translator.listeners import close_gently, format_address
 from translator.metrics import Metrics
+from translator.migration import offers_migration, watch_flow
 from translator.proxy_protocol import encode_v2, unique_id_tlv
 from translator.relay import Connection, RelayPool
 
@@ -284,13 +285,20 @@ class Exporter:
                 mode=event.get("mode") if isinstance(event.get("mode"), str) else None,
                 original_client=format_address(original) if original else None,
             )
+            watch = watch_flow(self._relay, connection, "a", self.control_socket,
+                               serval.fileno(), self._log) if offers_migration(event) else None
             self.connecting -= 1
             handed_off = True
             try:
                 self._relay.add(connection, serval.detach(), legacy.detach())
             except Exception as exc:
+                if watch is not None:
+                    watch.close()
                 self._log.error("relay_add_failed", error=str(exc))
                 self._ended(connection, "error")
+            else:
+                if watch is not None:
+                    watch.start()
         finally:
             if not handed_off:
                 self.connecting -= 1

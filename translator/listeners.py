@@ -37,6 +37,7 @@ from serval.errors import ServalError
 from translator.config import ListenerConfig
 from translator.control_pool import ControlPool, connect_error_reason
 from translator.metrics import Metrics
+from translator.migration import offers_migration, watch_flow
 from translator.relay import Connection, RelayPool
 
 MAX_ACCEPTS_PER_WAKEUP = 64
@@ -310,13 +311,20 @@ class Listener:
                 flow=message.get("flow") if isinstance(message.get("flow"), int) else None,
                 mode=message.get("mode") if isinstance(message.get("mode"), str) else None,
             )
+            watch = watch_flow(self._relay, connection, "b", self._pool.path, serval_fd,
+                               self._log) if offers_migration(message) else None
             self.connecting -= 1
             handed_off = True
             try:
                 self._relay.add(connection, client.detach(), serval_fd)
             except Exception as exc:
+                if watch is not None:
+                    watch.close()
                 self._log.error("relay_add_failed", error=str(exc))
                 self._ended(connection, "error")
+            else:
+                if watch is not None:
+                    watch.start()
         finally:
             if not handed_off:
                 self.connecting -= 1

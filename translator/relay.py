@@ -19,8 +19,9 @@ each pair's byte counters: a pair whose counters did not move for its timeout is
 gracefully (``close_pair``: flush, FIN both ways). The same sweep feeds the byte counters of the
 metrics, so long-lived connections show their traffic while it happens, not only when they end.
 
-Migration hook points (issue 6 item 5): ``park``, ``swap_fd`` and ``resume`` wrap the engine's
-calls per connection; the supervisor will drive them from servald's ``migration`` events.
+Migration (issue 6 item 5): ``park``, ``swap_fd`` and ``resume`` wrap the engine's calls per
+connection; translator/migration.py drives them from servald's ``migration`` events, and the
+connection's watch is closed here when its pair ends (releasing servald's copy of the socket).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from splice_ext import Completion, Relay, Side, WorkerStats
 from translator.config import RelayConfig
@@ -40,6 +41,10 @@ from translator.metrics import Metrics
 
 IDLE_SWEEP_INTERVAL_S = 1.0
 Role = Literal["listener", "exporter"]
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -66,6 +71,7 @@ class Connection:
     closing_reason: str | None = None  # our own reason when we ended it (idle-timeout, drain)
     migrations: int = 0
     generation: _Generation | None = None
+    watch: Closable | None = None  # servald migration watch of the Serval side (migration.py)
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -247,6 +253,10 @@ class RelayPool:
 
     def _finish(self, connection: Connection, completion: Completion) -> None:
         self.completed += 1
+        watch, connection.watch = connection.watch, None
+        if watch is not None:
+            with contextlib.suppress(Exception):
+                watch.close()
         self._account_bytes(connection, completion.bytes_a_to_b, completion.bytes_b_to_a)
         reason: str = completion.reason
         if connection.closing_reason is not None and reason in ("closed", "aborted"):
