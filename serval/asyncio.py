@@ -8,11 +8,11 @@ never blocks), and the streams are built on the real kernel TCP socket it passes
 The Serval identity of a stream (peer serviceID and address, flow, establishment mode) is
 `connection_info(writer)`.
 
-Migration seam: when the migration work lands, servald will swap the TCP socket under a live
-stream. asyncio's selector transport keeps the fd *number* it was given, so the library only
-needs to pause the transport's reading, install the new socket under the same number
-(`serval.socket.socket._adopt_fd` does the dup3) and resume; the control connection then stays
-open with a ``watch`` subscription instead of being closed after `connect`.
+Migration (docs/migration.md): when servald offers it, each stream also gets a ``watch``
+connection served on the stream's own loop (`_AsyncWatch`): park pauses the transport, hands
+the queued bytes to the protocol and holds writes; swap installs the new socket under the
+same fd number (dup3) and resumes reading, which registers the new file with epoll; resume
+releases the held writes. The application sees nothing but a short pause.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import errno
 import inspect
+import os
 import socket as _stdsocket
 import weakref
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from typing import Any
 
 from serval.control import AsyncControlClient, Frame, close_fds, control_socket_path, os_error
 from serval.core.ids import ServiceID
-from serval.errors import ControlProtocolError
+from serval.errors import ControlProtocolError, ServalError
 from serval.socket import (
     CONNECT_REPLY_MARGIN_S,
     DEFAULT_BACKLOG,
@@ -60,6 +61,146 @@ _INFO: weakref.WeakKeyDictionary[asyncio.StreamWriter, ConnectionInfo] = (
 def connection_info(writer: asyncio.StreamWriter) -> ConnectionInfo:
     """The Serval identity of a stream opened by this module (KeyError for others)."""
     return _INFO[writer]
+
+
+# -- migration ---------------------------------------------------------------------------------
+
+DRAIN_CHUNK_BYTES = 1 << 20
+MAX_DRAIN_READS = 4096
+_WATCHES: set[_AsyncWatch] = set()
+
+
+class _AsyncWatch:
+    """Takes part in servald's migrations of one asyncio stream (docs/migration.md).
+
+    Everything happens on the stream's event loop. park: stop the transport reading, hand
+    what is already queued to the protocol (the input is locked, so this ends), hold
+    writes, unregister the transport's writer, acknowledge. swap: dup3 the new socket onto
+    the transport's fd number and resume reading (which registers the new file with epoll:
+    the old registration vanished with the old file). resume: writes flow again, held ones
+    first. Needs the selector event loop's socket transport (the default on Linux).
+    """
+
+    def __init__(self, client: AsyncControlClient, sock: _stdsocket.socket,
+                 writer: asyncio.StreamWriter, flow: int) -> None:
+        self.client = client
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.writer = writer
+        self.flow = flow
+        self.migrations = 0
+        self._was_reading = False
+        self._had_writer = False
+        self._held: list[bytes] = []
+
+    @staticmethod
+    def supported(writer: asyncio.StreamWriter) -> bool:
+        transport = writer.transport
+        return all(hasattr(transport, name) for name in
+                   ("pause_reading", "resume_reading", "is_reading", "_write_ready",
+                    "_buffer")) and hasattr(asyncio.get_running_loop(), "_add_writer")
+
+    async def run(self) -> None:
+        closed = asyncio.ensure_future(self.writer.wait_closed())
+        try:
+            while True:
+                event = asyncio.ensure_future(self.client.next_event())
+                done, _ = await asyncio.wait({event, closed},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    event.cancel()
+                    return  # the application closed the stream: servald drops its copy
+                frame = event.result()
+                if frame is None:
+                    return
+                try:
+                    await self._handle(frame)
+                finally:
+                    close_fds(frame.fds)
+        except (OSError, ServalError):
+            self._resume()
+        finally:
+            closed.cancel()
+            self.client.close()
+            _WATCHES.discard(self)
+
+    async def _handle(self, frame: Frame) -> None:
+        if frame.message.get("event") != "migration":
+            return
+        phase = frame.message.get("phase")
+        if phase == "park":
+            self._park()
+            await self.client.call("migration_ack", {"flow": self.flow, "phase": "park"})
+        elif phase == "swap" and len(frame.fds) == 1:
+            new_fd = frame.fds.pop()
+            os.dup2(new_fd, self.fd, inheritable=False)  # dup3: same number, CLOEXEC kept
+            os.close(new_fd)
+            self.migrations += 1
+            if self._was_reading:
+                transport: Any = self.writer.transport
+                transport.resume_reading()  # EPOLL_CTL_ADD of the new file
+        elif phase == "resume":
+            self._resume()
+
+    def _park(self) -> None:
+        transport: Any = self.writer.transport
+        loop: Any = asyncio.get_running_loop()
+        self._was_reading = transport.is_reading()
+        if self._was_reading:
+            transport.pause_reading()
+        protocol = transport.get_protocol()
+        for _ in range(MAX_DRAIN_READS if self._was_reading else 0):
+            try:
+                chunk = self.sock.recv(DRAIN_CHUNK_BYTES, _stdsocket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError, OSError):
+                break
+            if not chunk:
+                break
+            protocol.data_received(chunk)
+        held = self._held
+
+        def hold(data: bytes | bytearray | memoryview) -> None:
+            held.append(bytes(data))
+
+        transport.write = hold  # an instance attribute shadows the method until resume
+        self._had_writer = bool(transport._buffer)
+        if self._had_writer:
+            loop._remove_writer(self.fd)
+
+    def _resume(self) -> None:
+        transport: Any = self.writer.transport
+        if "write" in vars(transport):
+            del transport.write
+        if self._had_writer and transport._buffer:
+            asyncio.get_running_loop()._add_writer(  # type: ignore[attr-defined]
+                self.fd, transport._write_ready)
+        self._had_writer = False
+        held, self._held = self._held, []
+        for data in held:
+            transport.write(data)
+
+
+async def _watch(sock: _stdsocket.socket, writer: asyncio.StreamWriter, info: ConnectionInfo,
+                 control_path: str | None) -> None:
+    """Start taking part in the stream's migrations when servald offers them."""
+    if not info.migratable or info.flow is None or \
+            os.environ.get("SERVAL_MIGRATION", "1") == "0":
+        return
+    if not _AsyncWatch.supported(writer):
+        return
+    try:
+        client = await AsyncControlClient.connect(control_path)
+    except (OSError, ServalError):
+        return
+    try:
+        await client.call("watch", {"events": ["migration"], "flow": info.flow},
+                          fds=[sock.fileno()])
+    except (OSError, ServalError):
+        client.close()
+        return
+    watch = _AsyncWatch(client, sock, writer, info.flow)
+    _WATCHES.add(watch)
+    asyncio.get_running_loop().create_task(watch.run())
 
 
 def _socket_from(
@@ -131,6 +272,7 @@ async def open_connection(
         sock.close()
         raise
     _INFO[writer] = info
+    await _watch(sock, writer, info, control_socket)
     return reader, writer
 
 
@@ -195,6 +337,7 @@ class Server:
             sock.close()
             raise
         _INFO[writer] = info
+        await _watch(sock, writer, info, self._client.path)
         result = self._handler(reader, writer)
         if inspect.isawaitable(result):
             await result

@@ -28,15 +28,18 @@ completes, `fileno()` becomes the TCP fd.
 Errors are the usual exceptions (ConnectionRefusedError, TimeoutError, OSError with errno,
 ...) and at the same time `serval.errors.ServalError`; their message names the serviceID.
 
-Migration seam (docs/control-api.md, ``watch``; implemented by the migration work)
-------------------------------------------------------------------------------
-All stream I/O goes through ``self._sock``, one stdlib socket whose fd number the application
-sees. When servald moves the flow it rebuilds the TCP socket elsewhere and passes the new fd
-(``migration`` event, phase ``swap``). The library then has to park its own I/O, call
-`socket._adopt_fd(new_fd)`, which installs the new socket under the *same fd number* (dup3)
-so the application and any event loop keep their registrations, and resume. Today connected
-sockets close their control connection after `connect`/`accept`; the migration work keeps it
-open with a ``watch`` subscription and drives `_adopt_fd` from it.
+Migration (docs/migration.md)
+-----------------------------
+When servald offers it (``"migratable": true`` in the connect reply or accept event), a
+connected stream socket opens one more control connection and sends ``watch`` with its fd.
+One agent thread per process serves all such connections: on ``park`` it closes the socket's
+`_Gate` (stream calls in progress are woken through a pipe and wait; bytes already queued are
+read into the gate, to be returned first), acknowledges, and on ``swap`` installs the new
+socket under the same fd number (dup3); reads go on at once, writes after ``resume``. So a
+thread blocked in recv() sleeps through a migration and continues on the new socket. Watched
+sockets do their waiting in `_Gate.call` (poll on the socket and the wake pipe), never inside
+the stdlib call. ``$SERVAL_MIGRATION=0`` opts out. `socket._adopt_fd` remains for engines that
+drive their own swap.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ import base64
 import binascii
 import errno
 import os
+import select
+import selectors
 import socket as _stdsocket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -61,7 +67,7 @@ from serval.control import (
     os_error,
 )
 from serval.core.ids import ServiceID
-from serval.errors import ControlProtocolError, ServiceIDError
+from serval.errors import ControlProtocolError, ServalError, ServiceIDError
 
 __all__ = [
     "MAX_DATAGRAM_BYTES",
@@ -109,6 +115,7 @@ class ConnectionInfo:
     remote: tuple[str, int] | None
     mode: str | None  # "repair" or "handshake"
     proxy: Mapping[str, Any] | None = None  # translator: the original client, when given
+    migratable: bool = False  # servald can migrate it: whoever owns the fd may `watch` it
 
     @classmethod
     def from_message(cls, message: Mapping[str, Any], service: ServiceID | None) -> ConnectionInfo:
@@ -130,6 +137,7 @@ class ConnectionInfo:
             remote=_endpoint(message.get("remote"), "remote"),
             mode=get_optional_field(message, "mode", str),
             proxy=proxy if isinstance(proxy, Mapping) else None,
+            migratable=message.get("migratable") is True,
         )
 
 
@@ -154,6 +162,267 @@ def _endpoint(value: object, name: str) -> tuple[str, int] | None:
     if not isinstance(value, Mapping):
         raise ControlProtocolError(f"field {name!r} must be an object", framing_lost=False)
     return get_field(value, "address", str), get_field(value, "port", int)
+
+
+# -- migration: park, swap, resume (docs/migration.md) ----------------------------------------
+
+MIGRATION_ENV = "SERVAL_MIGRATION"  # "0": never watch (no migration, one control connection less)
+PARK_QUIESCE_S = 0.5  # an application call leaves the kernel within this (it polls the wake pipe)
+MAX_DRAIN_READS = 4096
+DRAIN_CHUNK_BYTES = 1 << 20
+
+
+class _Gate:
+    """Parks one connected stream's I/O while servald migrates it.
+
+    States: ``open``; ``parking`` (no new system call may start; calls in progress are woken
+    through the wake pipe and leave); ``parked`` (the socket is frozen: nothing touches it);
+    ``reading`` (swapped: reads go on, writes wait for the bytes the peer lacks, which servald
+    writes first); back to ``open``. Bytes read while parking (the input is already locked,
+    so this ends) are kept here and served before anything new.
+    """
+
+    def __init__(self, sock: _stdsocket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.cond = threading.Condition()
+        self.state = "open"
+        self.active = 0
+        self.buffer = bytearray()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.migrations = 0
+
+    def blocks(self, writing: bool) -> bool:
+        return self.state in ("parking", "parked") or (writing and self.state == "reading")
+
+    # -- the agent's side ----------------------------------------------------------------------
+
+    def park(self) -> None:
+        with self.cond:
+            self.state = "parking"
+            try:
+                os.write(self.wake_w, b"p")
+            except BlockingIOError:
+                pass
+            deadline = time.monotonic() + PARK_QUIESCE_S
+            while self.active and time.monotonic() < deadline:
+                self.cond.wait(deadline - time.monotonic())
+            for _ in range(MAX_DRAIN_READS):
+                try:
+                    chunk = self.sock.recv(DRAIN_CHUNK_BYTES, _stdsocket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # e.g. reset: the application will see it on its next call
+                if not chunk:
+                    break
+                self.buffer += chunk
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            self.state = "parked"
+
+    def swap(self, new_fd: int) -> None:
+        with self.cond:
+            # dup3: same fd number, close-on-exec kept; the file's O_NONBLOCK came along.
+            os.dup2(new_fd, self.fd, inheritable=False)
+            os.close(new_fd)
+            self.migrations += 1
+            self.state = "reading"
+            self.cond.notify_all()
+
+    def resume(self) -> None:
+        with self.cond:
+            self.state = "open"
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.state = "open"
+            self.cond.notify_all()
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- the application's side ----------------------------------------------------------------
+
+    def call(self, writing: bool, attempt: Any, timeout: float | None, what: str) -> Any:
+        """Run `attempt()` (a non-blocking system call) under the gate, waiting for the socket
+        (readiness or the end of a migration) as the socket's timeout says."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.cond:
+                while self.blocks(writing):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if timeout == 0.0:
+                        raise os_error(errno.EAGAIN, f"{what}: migration in progress")
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError("timed out")
+                    self.cond.wait(remaining)
+                if not writing and self.buffer:
+                    return None  # the caller serves from the buffer
+                self.active += 1
+            try:
+                try:
+                    return attempt()
+                except (BlockingIOError, InterruptedError):
+                    if timeout == 0.0:
+                        raise
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError("timed out") from None
+                poller = select.poll()
+                poller.register(self.fd, select.POLLOUT if writing else select.POLLIN)
+                poller.register(self.wake_r, select.POLLIN)
+                poller.poll(None if remaining is None else remaining * 1000)
+            finally:
+                with self.cond:
+                    self.active -= 1
+                    self.cond.notify_all()
+
+    def take(self, size: int, peek: bool) -> bytes:
+        with self.cond:
+            data = bytes(self.buffer[:size])
+            if not peek:
+                del self.buffer[:size]
+            return data
+
+
+class _Watch:
+    """One connected stream's `watch` connection to servald (see `_MigrationAgent`)."""
+
+    def __init__(self, gate: _Gate, control: ControlClient, flow: int) -> None:
+        self.gate = gate
+        self.control = control
+        self.flow = flow
+
+    def service(self) -> bool:
+        """Handle what servald pushed; False when the connection is gone."""
+        while True:
+            try:
+                frame = self.control.poll_event()
+            except (OSError, ServalError):
+                return False
+            if frame is None:
+                return not self.control.closed
+            phase = frame.message.get("phase") if frame.message.get("event") == "migration" \
+                else None
+            try:
+                if phase == "park":
+                    self.gate.park()
+                    self.control.call("migration_ack", {"flow": self.flow, "phase": "park"})
+                elif phase == "swap" and len(frame.fds) == 1:
+                    self.gate.swap(frame.fds.pop())
+                elif phase == "resume":
+                    self.gate.resume()
+            except (OSError, ServalError):
+                self.gate.resume()
+                return False
+            finally:
+                close_fds(frame.fds)
+
+    def close(self) -> None:
+        self.control.close()
+        self.gate.close()
+
+
+class _MigrationAgent:
+    """One thread per process serving every watch: parks and resumes sockets even while the
+    application is not in a call (an idle socket must not hold a migration up)."""
+
+    _instance: _MigrationAgent | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._pending: list[tuple[str, _Watch]] = []
+        self._thread = threading.Thread(target=self._run, name="serval-migration",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> _MigrationAgent:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def add(self, watch: _Watch) -> None:
+        self._change("add", watch)
+
+    def remove(self, watch: _Watch) -> None:
+        self._change("remove", watch)
+
+    def _change(self, what: str, watch: _Watch) -> None:
+        with self._lock:
+            self._pending.append((what, watch))
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            for key, _mask in self._selector.select(timeout=None):
+                watch = key.data
+                if watch is None:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                if not watch.service():
+                    self._unregister(watch)
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for what, watch in pending:
+                if what == "add" and not watch.control.closed:
+                    try:
+                        self._selector.register(watch.control.fileno(),
+                                                selectors.EVENT_READ, watch)
+                    except (KeyError, ValueError, OSError):
+                        continue
+                    watch.service()  # events that arrived with the watch answer
+                elif what == "remove":
+                    self._unregister(watch)
+                    watch.close()
+
+    def _unregister(self, watch: _Watch) -> None:
+        for key in list(self._selector.get_map().values()):
+            if key.data is watch:
+                self._selector.unregister(key.fileobj)
+
+
+def _start_watch(sock: _stdsocket.socket, flow: int | None,
+                 control_path: str | None) -> tuple[_Gate, _Watch] | None:
+    """Ask servald to include this socket in its flow's migrations; None when it cannot
+    (no TCP_REPAIR there, an old servald) or when $SERVAL_MIGRATION is "0"."""
+    if flow is None or os.environ.get(MIGRATION_ENV, "1") == "0":
+        return None
+    gate = _Gate(sock)
+    try:
+        control = ControlClient(control_path)
+    except (OSError, ServalError):
+        gate.close()
+        return None
+    try:
+        control.call("watch", {"events": ["migration"], "flow": flow}, fds=[sock.fileno()])
+    except (OSError, ServalError):
+        # Migration is an extra: without it the stream works exactly as before.
+        control.close()
+        gate.close()
+        return None
+    watch = _Watch(gate, control, flow)
+    _MigrationAgent.get().add(watch)
+    return gate, watch
 
 
 def to_service(service: ServiceLike) -> ServiceID:
@@ -193,6 +462,8 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
         self._closed = False
         self._accepted = False
         self.info: ConnectionInfo | None = None  # connected streams: what servald reported
+        self._gate: _Gate | None = None  # connected and watched: migrations park its I/O
+        self._watch: _Watch | None = None
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -234,7 +505,7 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
                 raise ValueError("Timeout value out of range")
         self._timeout = timeout
         if self._sock is not None:
-            self._sock.settimeout(timeout)
+            self._sock.settimeout(self._kernel_timeout())
 
     def gettimeout(self) -> float | None:
         return self._timeout
@@ -315,9 +586,13 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
             close_fds(frame.fds)
             raise
         sock = _stdsocket.socket(fileno=frame.fds[0])
-        sock.settimeout(self._timeout)
         self._sock = sock
         self.info = info
+        watched = _start_watch(sock, info.flow, self._control_path) \
+            if info.migratable else None
+        if watched is not None:
+            self._gate, self._watch = watched
+        sock.settimeout(self._kernel_timeout())
         self._accepted = accepted
         peer = info.peer
         if not accepted and peer.service is None:
@@ -405,28 +680,67 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
             raise os_error(errno.ENOTCONN, "serval socket is not connected")
         return self._sock
 
+    def _kernel_timeout(self) -> float | None:
+        """The timeout of the kernel socket object. A watched socket does its own waiting
+        (`_Gate.call` polls the socket and the wake pipe), so its calls must never block or
+        poll inside the stdlib: a positive timeout becomes a non-blocking file there."""
+        if self._gate is None or self._timeout is None:
+            return self._timeout
+        return 0.0
+
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         if self._type == SOCK_DGRAM:
             return self.sendto(data, self._dgram_peer())
-        return self._stream().send(data, flags)
+        sock = self._stream()
+        gate = self._gate
+        if gate is None:
+            return sock.send(data, flags)
+        sent: int = gate.call(True, lambda: sock.send(data, flags | _stdsocket.MSG_DONTWAIT),
+                              self._timeout, "send")
+        return sent
 
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         if self._type == SOCK_DGRAM:
             self.sendto(data, self._dgram_peer())
             return
-        self._stream().sendall(data, flags)
+        if self._gate is None:
+            self._stream().sendall(data, flags)
+            return
+        view = memoryview(data).cast("B")
+        timeout = self._timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while view:
+                if deadline is not None and timeout:
+                    self._timeout = max(deadline - time.monotonic(), 1e-6)
+                view = view[self.send(view, flags):]
+        finally:
+            self._timeout = timeout
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self._type == SOCK_DGRAM:
             return self.recvfrom(bufsize)[0]
-        return self._stream().recv(bufsize, flags)
+        sock = self._stream()
+        gate = self._gate
+        if gate is None:
+            return sock.recv(bufsize, flags)
+        data: bytes | None = gate.call(
+            False, lambda: sock.recv(bufsize, flags | _stdsocket.MSG_DONTWAIT), self._timeout,
+            "recv")
+        if data is None:  # bytes drained while parking come first
+            return gate.take(bufsize, bool(flags & _stdsocket.MSG_PEEK))
+        return data
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, flags: int = 0) -> int:
         if self._type == SOCK_DGRAM:
             data, _ = self.recvfrom(nbytes or len(buffer))
             memoryview(buffer)[: len(data)] = data
             return len(data)
-        return self._stream().recv_into(buffer, nbytes, flags)
+        if self._gate is None:
+            return self._stream().recv_into(buffer, nbytes, flags)
+        data = self.recv(nbytes or len(buffer), flags)
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
 
     def shutdown(self, how: int) -> None:
         self._stream().shutdown(how)
@@ -554,6 +868,7 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
         """Close the socket; a listener or datagram binding ends with its control connection."""
         self._closed = True
         self._drop_control()
+        self._drop_watch()
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
@@ -563,9 +878,18 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
     def detach(self) -> int:
         """For a connected stream: give up the TCP fd without closing it (returns it)."""
         sock = self._stream()
+        self._drop_watch()  # whoever takes the fd over drives its migrations (`watch`)
         self._sock = None
         self._closed = True
         return sock.detach()
+
+    def _drop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        self._gate = None
+        if watch is not None:
+            # The agent thread closes the watch connection (servald then drops its copy of
+            # the socket) and the gate: it may be in the middle of parking this very socket.
+            _MigrationAgent.get().remove(watch)
 
     def _drop_control(self) -> None:
         control, self._control = self._control, None

@@ -26,6 +26,7 @@ import yaml
 
 from serval.core.ids import ServiceID
 from serval.errors import ConfigError, ServiceIDError
+from serval.host.policy import MigrationPolicy, parse_migration_policy
 
 DEFAULT_SAL_PORT = 54325
 DEFAULT_CONTROL_SOCKET = "/run/serval/servald.sock"
@@ -139,6 +140,8 @@ class ServaldConfig:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     rules: tuple[StaticRule, ...] = ()
     broadcast: bool = True  # ad-hoc mode: resolve by LAN broadcast when no router is known
+    # `interfaces` (preference, cost) and `migration` (triggers, source routing): policy.py
+    migration: MigrationPolicy = field(default_factory=MigrationPolicy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +335,7 @@ _TOP_KEYS = (
     "router", "port", "listen_addresses", "routers", "control_socket", "control_socket_mode",
     "log_level", "log_format", "domain_key", "domain_key_id", "accept_backlog_default",
     "max_pending_per_listener", "registration", "data_plane", "timeouts", "rules", "broadcast",
+    "interfaces", "migration",
 )
 
 
@@ -468,7 +472,19 @@ def _from_mapping(data: Mapping[str, Any], located: _Located) -> ServaldConfig:
         timeouts=_timeouts(data.get("timeouts"), located),
         rules=_rules(data.get("rules"), located, port),
         broadcast=_as_bool(data.get("broadcast", defaults.broadcast), "broadcast", located),
+        migration=_migration(data.get("interfaces"), data.get("migration"), located),
     )
+
+
+def _migration(interfaces: object, migration: object, located: _Located) -> MigrationPolicy:
+    try:
+        return parse_migration_policy(interfaces, migration, located.source)
+    except ConfigError as exc:
+        # policy.py names the entry ("interfaces[1].cost"); add its line here when known.
+        text = str(exc)
+        path = text.split(": ", 2)[1] if text.count(": ") >= 2 else ""
+        where = located.where(path) if path else located.source
+        raise ConfigError(text.replace(located.source, where, 1)) from None
 
 
 # --------------------------------------------------------------------------------------------

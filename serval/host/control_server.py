@@ -62,6 +62,9 @@ class ControlSession:
         self.channel = channel
         self.peer_pid = peer_pid
         self.client_name: str | None = None
+        # fds that came with the request being handled; a handler that keeps one removes it
+        # from this list, the rest are closed after the request (`watch` passes the socket).
+        self.received_fds: list[int] = []
         self._on_close: list[Callable[[], None]] = []
         self.closed = False
 
@@ -221,9 +224,12 @@ class ControlServer:
                     return
                 if frame is None:
                     return
-                # Clients never need to pass fds to servald's current operations.
-                close_fds(frame.fds)
-                await self._dispatch(session, frame.message)
+                session.received_fds = list(frame.fds)
+                try:
+                    await self._dispatch(session, frame.message)
+                finally:
+                    close_fds(session.received_fds)  # whatever the handler did not take
+                    session.received_fds = []
         finally:
             self._sessions.pop(session.session_id, None)
             session.close()

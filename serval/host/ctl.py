@@ -7,6 +7,8 @@
                                    [--priority P]              [--json]
     delay list                                                 [--json]
     delay release ID | delay drop ID                           [--json]
+    migrate flow FLOWID --to ADDRESS|IFACE                     [--json]
+    migrate interface OLD NEW                                  [--json]
 
 Without --json the answers are printed as aligned tables; with it, servald's answer as one
 JSON object (without the protocol's ``id``/``ok``). Failures print one line,
@@ -168,6 +170,16 @@ def render_delayed(answer: Mapping[str, Any]) -> str:
     return render_table(list(answer.get("packets", [])))
 
 
+def render_migrations(answer: Mapping[str, Any]) -> str:
+    columns = ["flow", "outcome", "old", "new", "pause_ms", "bytes_resent", "reason"]
+    return render_table(list(answer.get("flows", [])), columns)
+
+
+def render_migration(answer: Mapping[str, Any]) -> str:
+    return render_table([dict(answer)], ["flow", "outcome", "old", "new", "pause_ms",
+                                         "bytes_resent"])
+
+
 def render_generic(answer: Mapping[str, Any]) -> str:
     return render_mapping(answer) if answer else "ok"
 
@@ -242,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("release", "drop"):
         sub = with_json(delay_actions.add_parser(action, help=f"{action} a held packet"))
         sub.add_argument("packet", type=_positive_int, metavar="ID", help="held packet id")
+
+    migrate = commands.add_parser("migrate", help="move flows to another address or interface")
+    migrate_actions = migrate.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = with_json(migrate_actions.add_parser("flow", help="move one flow"))
+    sub.add_argument("flow", type=_positive_int, metavar="FLOWID", help="flowID (servalctl flows)")
+    sub.add_argument("--to", required=True, metavar="ADDRESS|IFACE",
+                     help="an address of this host, or an interface (its best address)")
+    sub = with_json(migrate_actions.add_parser(
+        "interface", help="move every flow on interface OLD to NEW (OLD == NEW: the "
+                          "interface's address changed)"))
+    sub.add_argument("old", metavar="OLD")
+    sub.add_argument("new", metavar="NEW")
     return parser
 
 
@@ -254,6 +278,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             if value is not None:
                 fields[name] = value
         return f"rule_{args.action}", fields
+    if args.command == "migrate":
+        if args.action == "flow":
+            return "migrate_flow", {"flow": args.flow, "to": args.to}
+        return "migrate_interface", {"old": args.old, "new": args.new}
     if args.command == "delay":
         if args.action == "list":
             return "delay_list", {}
@@ -268,6 +296,8 @@ _RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "registrations": render_registrations,
     "counters": render_counters,
     "delay_list": render_delayed,
+    "migrate_flow": render_migration,
+    "migrate_interface": render_migrations,
 }
 
 

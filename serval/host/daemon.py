@@ -32,6 +32,7 @@ import base64
 import binascii
 import contextlib
 import errno
+import functools
 import math
 import os
 import random
@@ -41,7 +42,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from serval.control import Message, get_field, get_optional_field
@@ -63,6 +64,9 @@ from serval.host.dataplane import (
     conntrack_advice,
 )
 from serval.host.log import Counters, RateLimitedLog, configure_logging, get_logger
+from serval.host.migration import MigrationEngine, MigrationRecord, Outcome
+from serval.host.netmon import MigrationTriggers, NetMonitor, NetSnapshot
+from serval.host.policy import InterfaceSelector, SourceRouting
 from serval.host.router import Forwarder, RouterRole, is_pure_syn, is_unconnected_datagram
 from serval.host.sal import AddressBook, Received, SalPort
 
@@ -72,14 +76,22 @@ SWEEP_INTERVAL_S = 0.25  # linger sweep, token expiry, registration expiry
 DEFAULT_ROUTE_PRIORITY = 1  # like Serval's broadcast default rule (priority 1)
 MAX_DATAGRAM_PAYLOAD_BYTES = 65000
 DEFAULT_CONNECT_PRIORITY = 0
+PROFILE_ENV = "SERVALD_PROFILE"  # path: run under cProfile, write the stats there at exit
 
 
 def _service_arg(message: Message, name: str = "service") -> ServiceID:
     text = get_field(message, name, str)
     try:
-        return ServiceID.parse(text)
+        return _parse_service(text)
     except ServiceIDError as exc:
         raise OpError(errno.EINVAL, f"field {name!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_service(text: str) -> ServiceID:
+    # Every connect names its service as text; a name means a SHA-256 and a regex each time.
+    # ServiceID is immutable, so parsed ones are shared (failures are not cached).
+    return ServiceID.parse(text)
 
 
 def _address_arg(text: str, field_name: str, default_port: int) -> Address:
@@ -87,6 +99,30 @@ def _address_arg(text: str, field_name: str, default_port: int) -> Address:
         return parse_endpoint(text, default_port).address
     except ValueError as exc:
         raise OpError(errno.EINVAL, f"field {field_name!r}: {exc}") from None
+
+
+def _origin_arg(message: Message) -> wire.OriginExt | None:
+    """The connect op's optional `proxy` field, {addr, port}: the translator's legacy client,
+    carried to the server in the SYN's ORIGIN extension (IPv4-mapped IPv6 unmapped)."""
+    value = message.get("proxy")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise OpError(errno.EINVAL, "field 'proxy' must be an object {addr, port}")
+    address_text = value.get("addr", value.get("address"))
+    port = value.get("port")
+    if not isinstance(address_text, str):
+        raise OpError(errno.EINVAL, "field 'proxy.addr' must be an IP address string")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise OpError(errno.EINVAL, f"field 'proxy.port' must be 1..65535, got {port!r}")
+    try:
+        address: Address = ip_address(address_text.split("%", 1)[0])
+    except ValueError:
+        raise OpError(errno.EINVAL,
+                      f"field 'proxy.addr': {address_text[:64]!r} is not an IP address") from None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return wire.OriginExt(address, port)
 
 
 @dataclass
@@ -130,6 +166,10 @@ class Servald:
         self.registrar: Registrar | None = None
         self.acceptor: HandshakeAcceptor | None = None
         self.engine: StreamEngine | None = None
+        self.migration: MigrationEngine | None = None
+        self.netmon: NetMonitor | None = None
+        self.triggers: MigrationTriggers | None = None
+        self.watched: dict[int, WatchedFlow] = {}  # flow -> its watch (migratable flows)
         self._stop = asyncio.Event()
         self._wake_registrar = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,6 +204,7 @@ class Servald:
             port_of=self._port_of, resolve=self._resolve_first_hops,
             repair=self._make_repair(), acceptor=self.acceptor, counters=self.counters,
             log=self.log, bad_input=self.bad_input, rng=self.rng)
+        await self._start_migration(loop)
         self._install_static_rules()
         self._sync_default_rules()
         if self.config.routers:
@@ -223,6 +264,7 @@ class Servald:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_migration()
         if self.engine is not None:
             self.engine.close()
         await self.control.close()
@@ -363,17 +405,19 @@ class Servald:
 
     def _on_datagram(self, rx: Received) -> None:
         self.counters.inc("sal.received")
+        # Our own broadcasts (ad-hoc SYNs) loop back to us: drop them before decoding, which
+        # would be half of an ad-hoc client's per-connection decoding work.
+        if rx.destination is not None and self.addresses.is_own(rx.source) and (
+            self.addresses.is_broadcast(rx.destination)
+        ):
+            self.counters.inc("sal.own_broadcast_ignored")
+            return
         try:
             packet = wire.decode(rx.data)
         except ServalError as exc:
             self.counters.inc("sal.malformed")
             self.bad_input.warning("sal_malformed", source=f"{rx.source}:{rx.source_port}",
                                    bytes=len(rx.data), error=str(exc)[:200])
-            return
-        if rx.destination is not None and self.addresses.is_broadcast(rx.destination) and (
-            self.addresses.is_own(rx.source)
-        ):
-            self.counters.inc("sal.own_broadcast_ignored")
             return
         if packet.register is not None:
             if self.router_role is not None:
@@ -406,6 +450,8 @@ class Servald:
             self.bad_input.warning("sal_packet_without_flow", source=str(rx.source))
             return
         assert self.engine is not None
+        if self.migration is not None and self.migration.handle_packet(packet, rx.source):
+            return  # an established, watched flow: the migration engine runs it
         if self.router_role is not None and not self.engine.owns(packet):
             # Routers never see SYN-ACKs, ACKs or data: a router counts them and drops them.
             self.router_role.handle(packet, rx)
@@ -587,12 +633,16 @@ class Servald:
         backlog = min(backlog, self.config.max_pending_per_listener)
 
         async def deliver(stream: ConnectedStream) -> bool:
+            origin = stream.origin
             event: Message = {
                 "event": "accept",
                 **stream.describe(),
                 "service": str(stream.service),
-                "peer": {"service": None, "address": str(stream.peer_address)},
-                "proxy": None,
+                "peer": {"service": None if stream.peer_service is None else
+                         str(stream.peer_service), "address": str(stream.peer_address)},
+                "proxy": None if origin is None else
+                {"addr": str(origin.address), "port": origin.port},
+                "migratable": self.migratable,
             }
             return await session.push_event(event, [stream.sock.fileno()])
 
@@ -649,6 +699,10 @@ class Servald:
             return await self._connect(message)
         if op == "sendto":
             return await self._sendto(session, message), []
+        if op == "migrate_flow":
+            return await self._migrate_flow(message), []
+        if op == "migrate_interface":
+            return await self._migrate_interface(message), []
         handler = _SIMPLE_OPS.get(op)
         if handler is None:
             raise OpError(errno.EINVAL, f"unknown op {op[:64]!r}")
@@ -670,13 +724,18 @@ class Servald:
             self.config.data_plane.mode_for(service)
         if mode not in ("repair", "handshake"):
             raise OpError(errno.EINVAL, f"field 'mode' must be repair or handshake, got {mode!r}")
+        origin = _origin_arg(message)
+        source_text = get_optional_field(message, "source", str)
+        source = _service_arg(message, "source") if source_text is not None else None
         assert self.engine is not None
-        stream = await self.engine.connect(service, mode, float(timeout_s))
+        stream = await self.engine.connect(service, mode, float(timeout_s), origin=origin,
+                                           source_service=source)
         try:
             result: Message = {
                 **stream.describe(),
                 "peer": {"service": str(service), "address": str(stream.peer_address),
                          "instance": str(stream.peer_address)},
+                "migratable": self.migratable,
             }
             return result, [stream.sock.fileno()]
         finally:
@@ -725,7 +784,24 @@ class Servald:
 
     def op_flows(self, session: ControlSession, message: Message) -> Message:
         assert self.engine is not None
-        return {"flows": self.engine.flows()}
+        flows = self.engine.flows()
+        if self.migration is not None:
+            for managed in self.migration.flows():
+                watched = self.watched.get(managed.flow_id)
+                described = managed.describe()
+                flows.append({
+                    "flow": managed.flow_id,
+                    "role": watched.role if watched else None,
+                    "state": described["state"],
+                    "service": str(managed.flow.service),
+                    "mode": watched.mode if watched else None,
+                    "local": described["local"],
+                    "remote": described["remote"],
+                    "peer": described["sal_peer"],
+                    "migrations": managed.migrations,
+                    "watched": True,
+                })
+        return {"flows": flows}
 
     def op_registrations(self, session: ControlSession, message: Message) -> Message:
         result: Message = {}
@@ -863,10 +939,253 @@ class Servald:
         events = message.get("events")
         if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
             raise OpError(errno.EINVAL, "field 'events' must be a list of event names")
+        flow = get_optional_field(message, "flow", int)
+        if "migration" in events and flow is not None:
+            return {"events": events, **self._watch_flow(session, flow)}
         return {"events": events}
 
-    def op_migrate(self, session: ControlSession, message: Message) -> Message:
-        raise OpError(errno.EOPNOTSUPP, "migration is not implemented by this servald yet")
+    def op_migration_ack(self, session: ControlSession, message: Message) -> Message:
+        flow = get_field(message, "flow", int)
+        phase = get_field(message, "phase", str)
+        watched = self.watched.get(flow)
+        if watched is None or watched.session is not session:
+            raise OpError(errno.ENOENT, f"flow {flow}: not watched by this connection")
+        if phase != "park":
+            raise OpError(errno.EINVAL, f"field 'phase': only 'park' is acknowledged, "
+                                        f"got {phase!r}")
+        watched.acknowledge_park()
+        return {}
+
+    # -- migration -------------------------------------------------------------------------------
+
+    async def _start_migration(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The migration engine, and netlink monitoring driving its triggers."""
+        assert self.engine is not None
+        self.migration = MigrationEngine(loop, self._send_flow_packet, counters=self.counters,
+                                         log=self.log.bind(component="migration"))
+        if self.engine.repair is None:
+            return  # nothing can be frozen or rebuilt without TCP_REPAIR
+        await self.migration.prepare()
+        policy = self.config.migration
+        self.triggers = MigrationTriggers(
+            self.migration, policy, routing=SourceRouting() if policy.source_routing else None,
+            on_addresses_changed=self._addresses_changed,
+            log=self.log.bind(component="migration_triggers"))
+        monitor = NetMonitor(self.triggers.on_change, log=self.log.bind(component="netmon"))
+        try:
+            await monitor.start()
+        except Exception as exc:
+            self.log.warning("netmon_unavailable", error=repr(exc))
+            self.triggers = None
+            return
+        self.netmon = monitor
+        self.triggers.start(monitor.snapshot)
+
+    async def _stop_migration(self) -> None:
+        if self.triggers is not None:
+            await self.triggers.close()
+        if self.netmon is not None:
+            await self.netmon.close()
+        for flow in list(self.watched):
+            self._unwatch(flow)
+        if self.migration is not None:
+            self.migration.close()
+
+    def _send_flow_packet(self, packet: SalPacket, destination: Address,
+                          source: Address | None) -> None:
+        try:
+            data = wire.encode(packet)
+        except ServalError as exc:
+            self.counters.inc("sal.encode_failed")
+            self.bad_input.warning("sal_encode_failed", error=str(exc))
+            return
+        self.sal.send(data, destination, self._port_of(destination), source)
+
+    def _addresses_changed(self, snapshot: NetSnapshot) -> None:
+        """Netlink saw addresses change: follow at once (not at the next periodic refresh)."""
+        asyncio.get_running_loop().create_task(self._refresh_addresses())
+
+    async def _refresh_addresses(self) -> None:
+        try:
+            if await self.addresses.refresh():
+                self._sync_default_rules()
+                self._follow_address_change()
+        except Exception as exc:
+            self.bad_input.warning("address_refresh_failed", error=str(exc))
+
+    @property
+    def migratable(self) -> bool:
+        """Whether streams of this servald can migrate: the client may `watch` them."""
+        return self.migration is not None and self.engine is not None and \
+            self.engine.repair is not None
+
+    def _watch_flow(self, session: ControlSession, flow: int) -> Message:
+        """The client owns the socket of an established flow and asks to take part in its
+        migrations; the request carries the socket (fds=1), servald's copy from now on."""
+        if self.migration is None or self.engine is None or self.engine.repair is None:
+            raise OpError(errno.EOPNOTSUPP, "migration needs TCP_REPAIR (CAP_NET_ADMIN)")
+        if len(session.received_fds) != 1:
+            raise OpError(errno.EINVAL, f"watch of flow {flow}: the request must carry the "
+                                        "flow's socket (fds=1)")
+        fd = session.received_fds[0]
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            raise OpError(errno.EINVAL, f"watch of flow {flow}: not a socket: {exc}") from None
+        with sock:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                      socket.AF_INET6):
+                raise OpError(errno.EINVAL, f"watch of flow {flow}: not a TCP socket")
+            try:
+                local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
+            except OSError:
+                raise OpError(errno.ENOTCONN, f"watch of flow {flow}: socket not connected") \
+                    from None
+        taken = self.engine.take_established(flow)
+        if taken is None:
+            raise OpError(errno.ENOENT, f"flow {flow}: no established stream flow of this host "
+                                        "to watch (unknown, failed, or already watched)")
+        flow_object, role, mode = taken
+        session.received_fds.remove(fd)
+        watched = WatchedFlow(session, flow, fd, role, mode)
+        self.watched[flow] = watched
+        self.migration.adopt(flow_object, watched,
+                             local=(str(local[0]), int(local[1])),
+                             remote=(str(remote[0]), int(remote[1])))
+        session.on_close(lambda: self._unwatch(flow))
+        self.counters.inc("migration.watched")
+        return {"flow": flow}
+
+    def _unwatch(self, flow: int) -> None:
+        watched = self.watched.pop(flow, None)
+        if watched is None:
+            return
+        if self.migration is not None:
+            self.migration.forget(flow)
+        watched.close()
+
+    def _target_address(self, text: str, flow: int, version: int) -> Address:
+        """`to` of migrate_flow: one of our addresses, or an interface (its best address)."""
+        try:
+            address: Address | None = ip_address(text)
+        except ValueError:
+            address = None
+        if address is not None:
+            if not self.addresses.is_own(address) and not (
+                    self.netmon is not None and address in self.netmon.snapshot.addresses):
+                raise OpError(errno.EADDRNOTAVAIL, f"flow {flow}: {address} is not an address "
+                                                   "of this host")
+            return address
+        if self.netmon is None:
+            raise OpError(errno.EOPNOTSUPP, "interface names need the netlink monitor")
+        candidates = [info for info in self.netmon.snapshot.usable_addresses()
+                      if info.ifname == text and info.address.version == version]
+        if not candidates:
+            raise OpError(errno.EADDRNOTAVAIL, f"flow {flow}: interface {text!r} has no usable "
+                                               f"IPv{version} address")
+        return InterfaceSelector(self.config.migration).rank(candidates)[0].address
+
+    async def _migrate_flow(self, message: Message) -> Message:
+        flow = get_field(message, "flow", int)
+        to = get_field(message, "to", str)
+        managed = self.migration.get(flow) if self.migration is not None else None
+        if self.migration is None or managed is None:
+            raise OpError(errno.ENOENT, f"flow {flow}: not a migratable flow of this host "
+                                        "(established, and its socket watched)")
+        version = 6 if managed.local is not None and ":" in managed.local[0] else 4
+        address = self._target_address(to, flow, version)
+        record = await self.migration.migrate(flow, address)
+        return self._record_answer(record)
+
+    async def _migrate_interface(self, message: Message) -> Message:
+        """Every watched flow on interface `old` moves to interface `new` (`old == new`: the
+        interface's address changed; flows still on an address it no longer has move)."""
+        old = get_field(message, "old", str)
+        new = get_field(message, "new", str)
+        if self.migration is None or self.netmon is None:
+            raise OpError(errno.EOPNOTSUPP, "migration needs TCP_REPAIR and netlink")
+        snapshot = self.netmon.snapshot
+        on_old = {info.address for info in snapshot.addresses.values() if info.ifname == old}
+        moves: list[tuple[int, Address]] = []
+        for managed in self.migration.flows():
+            if managed.local is None:
+                continue
+            current = ip_address(managed.local[0])
+            if (old != new and current in on_old) or (old == new and not snapshot.usable(current)):
+                moves.append((managed.flow_id,
+                              self._target_address(new, managed.flow_id, current.version)))
+        migration = self.migration
+        records = await asyncio.gather(*(migration.migrate(flow, address)
+                                         for flow, address in moves))
+        return {"flows": [self._record_answer(r, raise_failure=False) for r in records]}
+
+    @staticmethod
+    def _record_answer(record: MigrationRecord, raise_failure: bool = True) -> Message:
+        answer: Message = record.to_dict()
+        if raise_failure and record.outcome is not Outcome.COMPLETED:
+            code = {"timeout": errno.ETIMEDOUT, "refused": errno.ECONNREFUSED,
+                    "already there": errno.EALREADY}.get(record.reason or "", errno.EAGAIN)
+            raise OpError(code, f"flow {record.flow}: migration {record.outcome.value}: "
+                                f"{record.reason}")
+        return answer
+
+
+
+class WatchedFlow:
+    """The migration engine's `AppSocket` for a flow whose socket a client watches.
+
+    The client (the library, or an engine owning the fd such as the translator's relay)
+    passed the socket with `watch`; this is servald's copy. `park` pushes a ``migration``
+    event (phase ``park``) and waits for the client's `migration_ack`; `swap` pushes phase
+    ``swap`` with the new socket (fds=1), which the client installs under its own fd number
+    (dup3); `resume` pushes phase ``resume``.
+    """
+
+    def __init__(self, session: ControlSession, flow: int, fd: int, role: str,
+                 mode: str) -> None:
+        self.session = session
+        self.flow = flow
+        self.fd = fd
+        self.role = role
+        self.mode = mode
+        self._parked: asyncio.Future[None] | None = None
+        self._closed = False
+
+    async def acquire(self) -> int:
+        if self._closed or self.session.closed:
+            raise OSError(errno.EPIPE, f"flow {self.flow}: the watching client is gone")
+        return self.fd
+
+    async def park(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parked = future
+        try:
+            await self._push("park")
+            await future
+        finally:
+            self._parked = None
+
+    def acknowledge_park(self) -> None:
+        if self._parked is not None and not self._parked.done():
+            self._parked.set_result(None)
+
+    async def swap(self, fd: int) -> None:
+        await self._push("swap", [fd])
+
+    async def resume(self) -> None:
+        with contextlib.suppress(OSError):
+            await self._push("resume")
+
+    async def _push(self, phase: str, fds: list[int] | None = None) -> None:
+        event: Message = {"event": "migration", "flow": self.flow, "phase": phase}
+        if not await self.session.push_event(event, fds):
+            raise OSError(errno.EPIPE, f"flow {self.flow}: the watching client is gone")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
 
 def socket_loopback() -> Address:
@@ -890,8 +1209,7 @@ _SIMPLE_OPS: dict[str, Any] = {
     "close_listener": Servald.op_close_listener,
     "dgram_bind": Servald.op_dgram_bind,
     "watch": Servald.op_watch,
-    "migrate_flow": Servald.op_migrate,
-    "migrate_interface": Servald.op_migrate,
+    "migration_ack": Servald.op_migration_ack,
 }
 
 
@@ -918,10 +1236,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"servald: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    profile_path = os.environ.get(PROFILE_ENV)
+    if profile_path:
+        return _run_profiled(config, profile_path)
     try:
         return asyncio.run(_amain(config))
     except KeyboardInterrupt:
         return 130
+
+
+def _run_profiled(config: ServaldConfig, path: str) -> int:
+    """Run under cProfile and write the stats to `path` at exit (pstats format). For finding
+    hot spots on the set-up path (py-spy is not available everywhere); costs ~2x CPU."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(asyncio.run, _amain(config))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        profiler.dump_stats(path)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -69,9 +70,8 @@ from serval.host.log import Counters, RateLimitedLog
 from serval.host.sal import AddressBook, Received
 
 HANDSHAKE_LISTEN_BACKLOG = 4096
-PARAMS_CACHE_S = 2.0  # own transport parameters per (local, peer) are re-read this often
+PARAMS_CACHE_S = 2.0  # TCP sysctls and per-path MTUs are re-read this often
 PARAMS_CACHE_MAX = 4096
-TCP_MAXSEG_MAX = 32767  # the kernel's MAX_TCP_WINDOW bound on setsockopt(TCP_MAXSEG)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
@@ -385,14 +385,21 @@ class RepairBackend(TypingProtocol):
 
 
 class KernelRepair:
-    """RepairBackend on serval/host/repair.py (and its client port allocator when present)."""
+    """RepairBackend on serval/host/repair.py (and its client port allocator when present).
+
+    The per-connection parameters cost no file read and no extra socket on the hot path:
+    the TCP sysctls and each path's MTU are cached for PARAMS_CACHE_S (they change rarely;
+    the ISN and TSval base are drawn fresh for every connection).
+    """
 
     def __init__(self, rng: Any) -> None:
         from serval.host import repair
 
         self._repair = repair
         self._rng = rng
-        self._params_cache: dict[tuple[Address, Address], tuple[float, Any]] = {}
+        self._settings: Any = None
+        self._settings_until = 0.0
+        self._mss_cache: dict[tuple[Address, Address], tuple[float, int]] = {}
         self._ports: Any = None
         try:
             from serval.host import ports
@@ -411,27 +418,34 @@ class KernelRepair:
         code = getattr(exc, "errno", None)
         return OSError(code if isinstance(code, int) else errno.EIO, str(exc))
 
+    def _path_mss(self, local: Address, peer: Address, now: float) -> int:
+        """The MSS the route from `local` to `peer` allows (cached)."""
+        key = (local, peer)
+        cached = self._mss_cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            mtu = self._repair.route_mtu(str(local), str(peer))
+        except Exception as exc:
+            raise self._os_error(exc) from exc
+        family = socket.AF_INET6 if local.version == 6 else socket.AF_INET
+        mss: int = self._repair.mss_for_mtu(mtu, family)
+        if len(self._mss_cache) >= PARAMS_CACHE_MAX:
+            self._mss_cache.clear()
+        self._mss_cache[key] = (now + PARAMS_CACHE_S, mss)
+        return mss
+
     def own_transport(self, local: Address, port: int, peer: Address
                       ) -> tuple[TransportExt, Any]:
         now = time.monotonic()
-        cached = self._params_cache.get((local, peer))
-        if cached is not None and cached[0] > now:
-            # Route MTU and sysctls change rarely; ISN and TSval must be fresh every time.
-            params = dataclasses.replace(
-                cached[1], isn=self._rng.getrandbits(32),
-                tsval=(self._rng.getrandbits(32) & ~1) if cached[1].timestamps else None)
-        else:
+        if self._settings is None or self._settings_until <= now:
             try:
-                params = self._repair.own_transport_params(str(local), str(peer), self._rng)
+                self._settings = self._repair.read_tcp_settings()
             except Exception as exc:
                 raise self._os_error(exc) from exc
-            if len(self._params_cache) > PARAMS_CACHE_MAX:
-                self._params_cache.clear()
-            self._params_cache[(local, peer)] = (now + PARAMS_CACHE_S, params)
-        if params.mss > TCP_MAXSEG_MAX:
-            # Loopback's 64 KiB MTU gives an MSS that setsockopt(TCP_MAXSEG) refuses (the
-            # kernel caps it at MAX_TCP_WINDOW): same-host connections would fall back.
-            params = dataclasses.replace(params, mss=TCP_MAXSEG_MAX)
+            self._settings_until = now + PARAMS_CACHE_S
+        params = self._repair.transport_params(self._settings, self._path_mss(local, peer, now),
+                                               self._rng)
         ext = TransportExt(mode=EstablishMode.REPAIR, isn=params.isn, mss=params.mss,
                            window_scale=params.window_scale, sack=params.sack,
                            timestamps=params.timestamps, window=params.window,
@@ -461,6 +475,17 @@ class KernelRepair:
             self._ports.release(str(local), port)
 
     def complete_client(self, sock: socket.socket, own: Any, peer: TransportExt) -> None:
+        try:
+            # The SYN's MSS was computed towards the first hop (a router, or in ad-hoc mode
+            # the LAN broadcast address); the path to the server itself, whose unicast
+            # address the SYN-ACK gives, may allow less.
+            local = ipaddress.ip_address(sock.getsockname()[0])
+            mss = min(own.mss, self._path_mss(local, peer.address, time.monotonic()))
+        except BaseException:
+            sock.close()  # as complete_socket() does on failure: the caller counts on it
+            raise
+        if mss != own.mss:
+            own = dataclasses.replace(own, mss=mss)
         try:
             self._repair.complete_socket(sock, own, self._peer_params(peer), str(peer.address),
                                          peer.port)
@@ -498,6 +523,10 @@ class ConnectedStream:
     local: tuple[str, int]
     remote: tuple[str, int]
     mode: str
+    # Server side, from the SYN: the client's own serviceID (second SERVICE) and the original
+    # legacy client a translator connected for (ORIGIN).
+    peer_service: ServiceID | None = None
+    origin: wire.OriginExt | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -572,6 +601,10 @@ class _ClientAttempt:
     syns_sent: int = 0
     finishing: bool = False
     held: list[tuple[SalPacket, Address | None]] = field(default_factory=list)
+    # What the SYN carries beyond the core Flow's: ORIGIN, and our own serviceID.
+    origin: wire.OriginExt | None = None
+    source_service: ServiceID | None = None
+    syn_verno: int | None = None  # what a REFUSE must acknowledge (+1)
 
 
 @dataclass
@@ -588,6 +621,8 @@ class _ServerRequest:
     watch: FrozenSocketWatch | None = None
     acked: bool = False  # the core Listener completed it (ACK, data, or token)
     verified: socket.socket | None = None  # handshake mode: token checked, socket ready
+    peer_service: ServiceID | None = None  # from the SYN (see ConnectedStream)
+    origin: wire.OriginExt | None = None
 
 
 @dataclass
@@ -624,6 +659,17 @@ class _Settled:
 Resolver = Callable[[ServiceID, set[Address]], list[tuple[Address, int]]]
 ROUTER_SUSPECT_S = 5.0
 MAX_REPLY_PORTS = 65536  # a first hop that let a SYN go unanswered is tried last this long
+
+
+def _fail_with_timeout(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _debug_enabled(log: Any) -> bool:
+    """Whether `log` (a structlog filtering logger, or anything else) writes debug lines."""
+    is_enabled_for = getattr(log, "is_enabled_for", None)
+    return bool(is_enabled_for(logging.DEBUG)) if callable(is_enabled_for) else True
 
 
 class StreamEngine:
@@ -665,6 +711,8 @@ class StreamEngine:
         self._listener_of: dict[int, StreamListener] = {}  # local flow -> its listener
         self._settled: dict[int, _Settled] = {}  # local flow -> settled flow
         self._tasks: set[asyncio.Task[None]] = set()
+        self._log_established = _debug_enabled(log)
+        self._syn_in_hand: SalPacket | None = None
         self._suspect_until: dict[Address, float] = {}
         # Peers that talk to us from a port other than their SAL port (a NAT, a test tool):
         # answers for their flow go back to that port. (address, their flowID) -> port.
@@ -692,6 +740,19 @@ class StreamEngine:
         listed.extend(s.to_dict() for s in self._settled.values())
         return listed
 
+    def take_established(self, flow_id: int) -> tuple[Flow, str, str] | None:
+        """Hand an established flow over for good (to the migration engine): its Flow, role
+        and mode, no longer lingering here. None when unknown, failed or already taken."""
+        settled = self._settled.get(flow_id)
+        if settled is None or settled.flow is None or settled.state != "established":
+            return None
+        del self._settled[flow_id]
+        if settled.timer is not None:
+            settled.timer.cancel()
+        while settled.flow.next_event() is not None:
+            pass
+        return settled.flow, settled.role, settled.mode
+
     def owns(self, packet: SalPacket) -> bool:
         """Whether a packet with a destination flowID belongs to a flow of this host."""
         flow = int(packet.dst_flow)
@@ -705,8 +766,16 @@ class StreamEngine:
 
     def sweep(self) -> None:
         """Forget settled flows whose linger ran out (called periodically)."""
+        # Every entry lingers equally long and `_settle` re-inserts at the end, so the dict is
+        # in expiry order: stop at the first one still to keep (at a thousand connections
+        # per second it holds tens of thousands, swept four times a second).
         now = self._loop.time()
-        for flow_id in [f for f, s in self._settled.items() if s.until <= now]:
+        expired: list[int] = []
+        for flow_id, settled in self._settled.items():
+            if settled.until > now:
+                break
+            expired.append(flow_id)
+        for flow_id in expired:
             settled = self._settled.pop(flow_id)
             if settled.timer is not None:
                 settled.timer.cancel()
@@ -749,13 +818,22 @@ class StreamEngine:
                 self._reply_ports.popitem(last=False)
 
     def _canonical(self, **fields: Any) -> None:
-        """The one canonical log line of a flow's establishment."""
+        """The one canonical log line of a flow whose establishment failed (info level).
+
+        Successful establishments get theirs at debug level, written only when
+        `self._log_established` (debug enabled): at thousands of connections per second a
+        line each cost more CPU than the rest of the set-up and would fill disks; the
+        `stream.connected.*` / `stream.accepted` counters count them.
+        """
         self._log.info("flow", **fields)
 
     def _settle(self, flow: Flow | None, role: str, state: str, service: ServiceID,
                 mode: str, local: tuple[str, int] | None, remote: tuple[str, int] | None,
                 peer: str | None, flow_id: int) -> None:
         """Keep a finished flow for a while: its Flow still re-ACKs duplicate SYN-ACKs."""
+        previous = self._settled.pop(flow_id, None)  # re-inserted last: see `sweep`
+        if previous is not None and previous.timer is not None:
+            previous.timer.cancel()
         self._settled[flow_id] = _Settled(
             flow, role, state, service, mode, local, remote, peer,
             self._loop.time() + self._timeouts.completed_linger_s)
@@ -763,9 +841,14 @@ class StreamEngine:
     # -- client side ---------------------------------------------------------------------------
 
     async def connect(
-        self, service: ServiceID, mode_name: str, timeout_s: float
+        self, service: ServiceID, mode_name: str, timeout_s: float, *,
+        origin: wire.OriginExt | None = None, source_service: ServiceID | None = None,
     ) -> ConnectedStream:
-        """Open a stream flow to `service`; raises OSError (ETIMEDOUT, ECONNREFUSED, ...)."""
+        """Open a stream flow to `service`; raises OSError (ETIMEDOUT, ECONNREFUSED, ...).
+
+        `origin` (a translator's legacy client) and `source_service` (our own serviceID)
+        ride in the SYN and reach the server's accept event.
+        """
         started = self._loop.time()
         deadline = started + timeout_s
         mode = EstablishMode.HANDSHAKE if mode_name == "handshake" else EstablishMode.REPAIR
@@ -774,7 +857,7 @@ class StreamEngine:
         fallback_reason: str | None = None
         while True:
             try:
-                attempt = self._start_attempt(service, mode)
+                attempt = self._start_attempt(service, mode, origin, source_service)
             except OSError as exc:
                 if mode is EstablishMode.REPAIR and self._config.data_plane.fallback and (
                     exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH)
@@ -786,10 +869,12 @@ class StreamEngine:
                 self._counters.inc("stream.connect_failed")
                 raise
             flow_id = int(attempt.flow.local_flow)
-            remaining = deadline - self._loop.time()
+            # The deadline fails the attempt's own future (no asyncio.timeout + shield: two
+            # fewer objects and callbacks per connection). Every producer of the future's
+            # result checks done() first, so a late SYN-ACK finds it failed and cleans up.
+            expiry = self._loop.call_at(deadline, _fail_with_timeout, attempt.future)
             try:
-                async with asyncio.timeout(max(0.0, remaining)):
-                    outcome = await asyncio.shield(attempt.future)
+                outcome = await attempt.future
             except TimeoutError:
                 syns += attempt.syns_sent
                 self._end_client(attempt)
@@ -811,6 +896,8 @@ class StreamEngine:
             except asyncio.CancelledError:
                 self._end_client(attempt)
                 raise
+            finally:
+                expiry.cancel()
             syns += attempt.syns_sent
             if outcome is _Outcome.REFUSED:
                 self._end_client(attempt)
@@ -828,16 +915,19 @@ class StreamEngine:
             assert isinstance(outcome, ConnectedStream)
             self._end_client(attempt, keep_socket=True, established=outcome)
             self._counters.inc(f"stream.connected.{outcome.mode}")
-            self._canonical(role="client", flow=outcome.flow, service=str(service),
-                            mode=outcome.mode, outcome="connected",
-                            instance=str(outcome.peer_address),
-                            local=f"{outcome.local[0]}:{outcome.local[1]}",
-                            remote=f"{outcome.remote[0]}:{outcome.remote[1]}",
-                            syns=syns, refusals=refusals, fallback=fallback_reason,
-                            setup_ms=round((self._loop.time() - started) * 1000, 3))
+            if self._log_established:
+                self._log.debug("flow", role="client", flow=outcome.flow,
+                                service=str(service), mode=outcome.mode, outcome="connected",
+                                instance=str(outcome.peer_address),
+                                local=f"{outcome.local[0]}:{outcome.local[1]}",
+                                remote=f"{outcome.remote[0]}:{outcome.remote[1]}",
+                                syns=syns, refusals=refusals, fallback=fallback_reason,
+                                setup_ms=round((self._loop.time() - started) * 1000, 3))
             return outcome
 
-    def _start_attempt(self, service: ServiceID, mode: EstablishMode) -> _ClientAttempt:
+    def _start_attempt(self, service: ServiceID, mode: EstablishMode,
+                       origin: wire.OriginExt | None = None,
+                       source_service: ServiceID | None = None) -> _ClientAttempt:
         targets = self._resolve(service, set())
         if not targets:
             raise OSError(errno.ENETUNREACH,
@@ -870,7 +960,8 @@ class StreamEngine:
                                 domain_key=self._domain_key)
         attempt = _ClientAttempt(
             flow=flow, service=service, mode=mode, sock=sock, own=own, own_private=own_private,
-            future=self._loop.create_future(), started=now, timer=_Timer(self._loop))
+            future=self._loop.create_future(), started=now, timer=_Timer(self._loop),
+            origin=origin, source_service=source_service)
         self._clients[int(flow.local_flow)] = attempt
         self._pump_client(attempt, first_targets=targets)
         return attempt
@@ -908,6 +999,14 @@ class StreamEngine:
                 self._counters.inc("stream.syn_retransmits")
                 for previous in attempt.last_targets:
                     self._suspect_until[previous] = now + ROUTER_SUSPECT_S
+            if packet.control is not None:
+                attempt.syn_verno = packet.control.verno
+            if attempt.origin is not None or attempt.source_service is not None:
+                # The core Flow builds the SYN; what only the runtime knows is added here.
+                services = packet.services
+                if attempt.source_service is not None and len(services) == 1:
+                    services = (services[0], ServiceExt(attempt.source_service))
+                packet = dataclasses.replace(packet, services=services, origin=attempt.origin)
             try:
                 data = wire.encode(packet)
             except WireFormatError as exc:
@@ -926,7 +1025,7 @@ class StreamEngine:
                 attempt.finishing = True
                 for address in attempt.last_targets:
                     self._suspect_until.pop(address, None)
-                self._spawn(self._finish_client(attempt, event))
+                self._finish_client(attempt, event)
             elif isinstance(event, ConnectionRefused):
                 self._counters.inc("stream.connect_refused")
                 attempt.future.set_exception(OSError(
@@ -994,57 +1093,74 @@ class StreamEngine:
         if settled.timer is not None:
             settled.timer.arm(settled.flow.get_timer(), lambda: self._settled_timer(flow_id))
 
-    async def _finish_client(self, attempt: _ClientAttempt, connected: Connected) -> None:
+    def _finish_client(self, attempt: _ClientAttempt, connected: Connected) -> None:
+        """The SYN-ACK arrived: build our end. Repair mode is a handful of system calls and
+        runs right here; handshake mode needs a kernel connect() and runs as a task."""
         peer = connected.peer_transport
-        peer_sal = connected.peer_address
+        if peer is not None and peer.mode is EstablishMode.HANDSHAKE:
+            self._spawn(self._finish_client_handshake(attempt, connected))
+            return
         sock: socket.socket | None = None
         try:
             if peer is None:
                 raise OSError(errno.EPROTO, "the SYN-ACK carried no transport parameters")
-            if peer.mode is EstablishMode.REPAIR:
-                if attempt.sock is None or self.repair is None:
-                    raise OSError(errno.EPROTO,
-                                  "the server answered a handshake SYN in repair mode")
-                try:
-                    self.repair.complete_client(attempt.sock, attempt.own_private, peer)
-                except OSError as exc:
-                    attempt.sock = None  # complete_client closed it
-                    if exc.errno == errno.EADDRNOTAVAIL:
-                        # Our port is taken towards this server: the flow is reset (the
-                        # server drops its frozen socket silently) and we retry elsewhere.
-                        if not attempt.future.done():
-                            attempt.future.set_result(_Outcome.REFUSED)
-                        return
-                    raise
-                sock, attempt.sock = attempt.sock, None
-                mode = "repair"
-            else:
-                if attempt.sock is not None:
-                    # The server fell back to handshake mode (it could not build a repair
-                    # socket), or we asked for it.
-                    if self.repair is not None:
-                        self.repair.discard(attempt.sock)
-                    attempt.sock = None
-                    self._counters.inc("stream.fallback_by_server")
-                sock = await handshake_connect(
-                    peer.address, peer.port, peer.token,
-                    max(0.1, self._timeouts.token_wait_s), attempt.own.address)
-                mode = "handshake"
-            held, attempt.held = attempt.held, []
-            for packet, destination in held:
-                if destination is not None:
-                    self._send(packet, destination)
-            local = sock.getsockname()[:2]
-            remote = sock.getpeername()[:2]
+            if attempt.sock is None or self.repair is None:
+                raise OSError(errno.EPROTO, "the server answered a handshake SYN in repair mode")
+            try:
+                self.repair.complete_client(attempt.sock, attempt.own_private, peer)
+            except OSError as exc:
+                attempt.sock = None  # complete_client closed it
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    # Our port is taken towards this server: the flow is reset (the server
+                    # drops its frozen socket silently) and we retry elsewhere.
+                    if not attempt.future.done():
+                        attempt.future.set_result(_Outcome.REFUSED)
+                    return
+                raise
+            sock, attempt.sock = attempt.sock, None
+            self._client_established(attempt, connected, sock, "repair")
         except Exception as exc:
             if sock is not None:
                 sock.close()
             if not attempt.future.done():
                 err = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
                 attempt.future.set_exception(err)
-            return
-        result = ConnectedStream(sock, int(attempt.flow.local_flow), attempt.service, peer_sal,
-                                 (str(local[0]), int(local[1])),
+
+    async def _finish_client_handshake(self, attempt: _ClientAttempt,
+                                       connected: Connected) -> None:
+        peer = connected.peer_transport
+        assert peer is not None
+        sock: socket.socket | None = None
+        try:
+            if attempt.sock is not None:
+                # The server fell back to handshake mode (it could not build a repair
+                # socket), or we asked for it.
+                if self.repair is not None:
+                    self.repair.discard(attempt.sock)
+                attempt.sock = None
+                self._counters.inc("stream.fallback_by_server")
+            sock = await handshake_connect(
+                peer.address, peer.port, peer.token,
+                max(0.1, self._timeouts.token_wait_s), attempt.own.address)
+            self._client_established(attempt, connected, sock, "handshake")
+        except Exception as exc:
+            if sock is not None:
+                sock.close()
+            if not attempt.future.done():
+                err = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
+                attempt.future.set_exception(err)
+
+    def _client_established(self, attempt: _ClientAttempt, connected: Connected,
+                            sock: socket.socket, mode: str) -> None:
+        """Our end exists: let the server release its end (the held ACK), hand ours over."""
+        held, attempt.held = attempt.held, []
+        for packet, destination in held:
+            if destination is not None:
+                self._send(packet, destination)
+        local = sock.getsockname()
+        remote = sock.getpeername()
+        result = ConnectedStream(sock, int(attempt.flow.local_flow), attempt.service,
+                                 connected.peer_address, (str(local[0]), int(local[1])),
                                  (str(remote[0]), int(remote[1])), mode)
         if attempt.future.done():
             sock.close()  # timed out meanwhile: nobody will take it
@@ -1059,6 +1175,8 @@ class StreamEngine:
             # REFUSE: the server's repair connect() hit a 4-tuple conflict. Trusted only with
             # our own nonce echoed and our SYN acknowledged (a blind forger knows neither).
             if (control.nonce == attempt.flow.local_nonce
+                    and attempt.syn_verno is not None
+                    and control.ackno == (attempt.syn_verno + 1) & 0xFFFFFFFF
                     and attempt.flow.state is FlowState.REQUEST
                     and not attempt.future.done() and not attempt.finishing):
                 self._counters.inc("stream.refused_tuple_conflict")
@@ -1127,10 +1245,16 @@ class StreamEngine:
         client = packet.source.addresses[0] if packet.source is not None else rx.source
         local = self._local_address_for(rx, client)
         before = listener.core.counters.refused_full
+        # A new request's ConnectionRequest comes out of the pump right below; _on_request
+        # reads what the core Flow does not keep (ORIGIN, the client's serviceID) from here.
+        self._syn_in_hand = packet if packet.dst_flow == 0 else None
         listener.core.handle_packet(packet, rx.source, now, self._rng, local_address=local)
         if listener.core.counters.refused_full != before:
             self._counters.inc("stream.accept_queue_full")
-        self._pump_listener(listener)
+        try:
+            self._pump_listener(listener)
+        finally:
+            self._syn_in_hand = None
 
     def _pump_listener(self, listener: StreamListener) -> None:
         core = listener.core
@@ -1197,6 +1321,13 @@ class StreamEngine:
             self._acceptor.expect(token, flow_id, None, now)
         request = _ServerRequest(flow=flow, listener=listener, mode=own.mode,
                                  local=(local, own.port), created=now, sock=sock, token=token)
+        syn = self._syn_in_hand
+        if syn is not None and syn.control is not None and (
+            int(syn.src_flow) == flow.peer_flow and syn.control.nonce == flow.peer_nonce
+        ):
+            request.origin = syn.origin
+            if len(syn.services) > 1:
+                request.peer_service = syn.services[1].service
         self._requests[flow_id] = request
         self._listener_of[flow_id] = listener
         if sock is not None:
@@ -1278,7 +1409,8 @@ class StreamEngine:
         assert flow.peer_address is not None
         stream = ConnectedStream(sock, flow_id, flow.service, flow.peer_address,
                                  (str(local[0]), int(local[1])),
-                                 (str(remote[0]), int(remote[1])), mode)
+                                 (str(remote[0]), int(remote[1])), mode,
+                                 peer_service=request.peer_service, origin=request.origin)
         self._settle(flow, "server", "established", flow.service, mode, stream.local,
                      stream.remote, str(flow.peer_address), flow_id)
         settled = self._settled[flow_id]
@@ -1295,12 +1427,13 @@ class StreamEngine:
             finally:
                 sock.close()  # the application holds its own reference now (SCM_RIGHTS)
             self._counters.inc("stream.accepted" if delivered else "stream.accept_undelivered")
-            self._canonical(role="server", flow=flow_id, service=str(flow.service), mode=mode,
-                            outcome="accepted" if delivered else "listener-gone",
-                            client=str(flow.peer_address),
-                            local=f"{stream.local[0]}:{stream.local[1]}",
-                            remote=f"{stream.remote[0]}:{stream.remote[1]}",
-                            setup_ms=setup_ms)
+            if delivered and not self._log_established:
+                return
+            (self._log.debug if delivered else self._log.info)(
+                "flow", role="server", flow=flow_id, service=str(flow.service), mode=mode,
+                outcome="accepted" if delivered else "listener-gone",
+                client=str(flow.peer_address), local=f"{stream.local[0]}:{stream.local[1]}",
+                remote=f"{stream.remote[0]}:{stream.remote[1]}", setup_ms=setup_ms)
 
         self._spawn(hand_over())
 

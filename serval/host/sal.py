@@ -34,6 +34,8 @@ from serval.host.config import Address
 READ_BURST = 64
 MAX_DATAGRAM_BYTES = 65535
 _CMSG_SPACE = 256
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_PEER_CACHE_MAX = 4096  # source address strings -> parsed addresses (peers are few)
 
 # Linux values; Python's socket module does not export IP_PKTINFO on every build.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -87,6 +89,9 @@ class SalPort:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.sent_datagrams = 0
         self.send_failures = 0
+        # recvmsg gives the source as text; parsing it costs more than the rest of the
+        # read, and a host hears from few peers, so parsed addresses are kept.
+        self._peers: dict[str, Address | None] = {}
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -166,32 +171,62 @@ class SalPort:
                 self._on_error("sal_recv_error", exc)
                 return
             destination, ifindex = _parse_pktinfo(sock.family, ancdata)
-            try:
-                source = ipaddress.ip_address(peer[0].split("%", 1)[0])
-            except ValueError:
+            source = self._peer_address(peer[0])
+            if source is None:
                 continue
             try:
                 self._on_datagram(Received(data, source, int(peer[1]), destination, ifindex))
             except Exception as exc:  # a bug handling one packet must not stop the daemon
                 self._on_error("sal_handler_error", exc)
 
-    def send(self, data: bytes, address: Address, port: int) -> bool:
-        """Send one datagram; False (and counted) when it could not be queued."""
+    def _peer_address(self, text: str) -> Address | None:
+        if text in self._peers:
+            return self._peers[text]
+        address: Address | None
+        try:
+            address = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            address = None
+        if len(self._peers) >= _PEER_CACHE_MAX:
+            self._peers.clear()
+        self._peers[text] = address
+        return address
+
+    def send(self, data: bytes, address: Address, port: int,
+             source: Address | None = None) -> bool:
+        """Send one datagram; False (and counted) when it could not be queued.
+
+        `source` picks the IP source address (IP_PKTINFO / IPV6_PKTINFO): a migrated flow's
+        control packets must leave from its new address, the only one the peer will answer
+        to and possibly the only one left (the migration engine passes it)."""
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         sock = self._sockets.get(family)
         if sock is None:
             self.send_failures += 1
             return False
         try:
-            sock.sendto(data, (str(address), port))
+            if source is None or source.version != address.version:
+                sock.sendto(data, (str(address), port))
+            else:
+                sock.sendmsg([data], [_source_pktinfo(source)], 0, (str(address), port))
         except OSError as exc:
             self.send_failures += 1
             if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED,
-                                 errno.ENETUNREACH, errno.EHOSTUNREACH):
+                                 errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL,
+                                 errno.EINVAL):
                 self._on_error("sal_send_error", exc)
             return False
         self.sent_datagrams += 1
         return True
+
+
+def _source_pktinfo(source: Address) -> tuple[int, int, bytes]:
+    """Ancillary data choosing the source address of one datagram (any interface)."""
+    if source.version == 4:
+        # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
+        return socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, source.packed, bytes(4))
+    # struct in6_pktinfo { in6_addr addr; int ifindex; }
+    return socket.IPPROTO_IPV6, IPV6_PKTINFO, struct.pack("=16si", source.packed, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +253,7 @@ class AddressBook:
         self.interfaces: list[InterfaceAddress] = []
         self._own: set[Address] = set()
         self._broadcast: set[Address] = set()
+        self._lan_broadcasts: list[Address] = []
         self._source_cache: dict[Address, Address | None] = {}
 
     async def refresh(self) -> bool:
@@ -254,6 +290,9 @@ class AddressBook:
         self.interfaces = found
         self._own = {entry.address for entry in found}
         self._broadcast = {entry.broadcast for entry in found if entry.broadcast is not None}
+        self._lan_broadcasts = sorted(
+            {e.broadcast for e in found if e.broadcast is not None and not e.address.is_loopback},
+            key=str)
         if changed:
             self._source_cache.clear()
         return changed
@@ -264,17 +303,14 @@ class AddressBook:
     def is_broadcast(self, address: Address) -> bool:
         return (
             address in self._broadcast
-            or address == ipaddress.IPv4Address("255.255.255.255")
+            or address == _LIMITED_BROADCAST
             or address.is_multicast
         )
 
     def broadcast_addresses(self) -> list[Address]:
-        """Broadcast addresses of the non-loopback IPv4 interfaces (ad-hoc resolution)."""
-        return sorted(
-            {e.broadcast for e in self.interfaces
-             if e.broadcast is not None and not e.address.is_loopback},
-            key=str,
-        )
+        """Broadcast addresses of the non-loopback IPv4 interfaces (ad-hoc resolution; asked
+        on every ad-hoc SYN, hence computed once per refresh)."""
+        return list(self._lan_broadcasts)
 
     def unicast(self) -> list[Address]:
         """Global-scope-ish addresses for status output (no loopback, no link-local)."""
