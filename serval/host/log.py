@@ -1,9 +1,12 @@
 """servald logging: structlog set-up, rate-limited warnings, counters.
 
-One canonical line per flow (event "flow") is written when a flow ends its establishment,
-successfully or not; everything else is either a start/stop line or a rate-limited warning
-about bad input (garbage on the SAL port or the control socket must never be able to fill a
-disk, so such warnings are limited per kind and summarised with the number suppressed).
+One canonical line per flow (event "flow") is written when a flow ends its establishment: at
+info level when it failed (timeout, refusal, abort), at debug level when it succeeded (a
+translator opens thousands per second: a line each would cost more CPU than the set-up itself
+and fill disks; the counters count them). Everything else is either a start/stop line or a
+rate-limited warning about bad input (garbage on the SAL port or the control socket must never
+be able to fill a disk, so such warnings are limited per kind and summarised with the number
+suppressed).
 """
 
 from __future__ import annotations

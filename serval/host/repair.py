@@ -34,9 +34,10 @@ number (dup3, O_NONBLOCK copied, release, pending bytes written), or `rollback()
 
 Every failure raises `RepairError(step, errno, message)`; sockets built here are closed
 (silently: a repair-mode close sends neither FIN nor RST) when their construction fails.
-All socket-level calls go straight to libc on the file descriptor, so application sockets
-with a Python timeout (which would poll() before a peek, notes 4b pitfall 15) and bare fds
-work alike.
+The migration calls go straight to libc on the file descriptor, so application sockets with
+a Python timeout (which would poll() before a peek, notes 4b pitfall 15) and bare fds work
+alike. The establishing calls, which run for every new connection on servald's own fresh
+sockets, use the socket object's setsockopt instead: a tenth of the cost through ctypes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import random
@@ -119,6 +121,7 @@ IPV6_MTU = 24
 IPV6_TCLASS = 67
 
 TCP_MAX_WSCALE = 14
+TCP_MAXSEG_MAX = 32767  # MAX_TCP_WINDOW: the largest MSS setsockopt(TCP_MAXSEG) accepts
 UNSCALED_WINDOW_MAX = 65535
 IPV4_HEADERS_BYTES = 40  # IPv4 + TCP header, no options: MSS = route MTU - this
 IPV6_HEADERS_BYTES = 60
@@ -371,19 +374,23 @@ def _send_nowait(fd: int, data: memoryview) -> int:
     return int(count)
 
 
+def _step_error(step: str, detail: str, exc: OSError) -> RepairError:
+    """The RepairError naming the repair step whose system call raised `exc`."""
+    code = exc.errno if exc.errno is not None else errno.EIO
+    hint = ""
+    if step == "connect" and code == errno.EADDRNOTAVAIL:
+        hint = " (4-tuple already in use: retry on another port)"
+    where = f" {detail}" if detail else ""
+    return RepairError(step, code, f"{step}{where} failed: {os.strerror(code)}{hint}")
+
+
 @contextlib.contextmanager
 def _step(step: str, detail: str = "") -> Iterator[None]:
     """Turn an OSError of one repair step into RepairError naming the step."""
     try:
         yield
     except OSError as exc:
-        code = exc.errno if exc.errno is not None else errno.EIO
-        hint = ""
-        if step == "connect" and code == errno.EADDRNOTAVAIL:
-            hint = " (4-tuple already in use: retry on another port)"
-        where = f" {detail}" if detail else ""
-        raise RepairError(step, code, f"{step}{where} failed: {os.strerror(code)}{hint}") \
-            from exc
+        raise _step_error(step, detail, exc) from exc
 
 
 def seq_diff(a: int, b: int) -> int:
@@ -392,7 +399,9 @@ def seq_diff(a: int, b: int) -> int:
     return diff - SEQ_MODULUS if diff >= 1 << 31 else diff
 
 
+@functools.lru_cache(maxsize=1024)
 def _family(address: str) -> int:
+    # Cached: parsing an address string costs more than all the repair calls it precedes.
     return socket.AF_INET if ipaddress.ip_address(address).version == 4 else socket.AF_INET6
 
 
@@ -436,10 +445,14 @@ def route_mtu(local_ip: str, remote_ip: str) -> int:
     """The route MTU towards `remote_ip` from `local_ip`, in the calling thread's namespace.
 
     A connected UDP socket resolves the route (and any learned path MTU) without sending.
+    SO_BROADCAST is set so that a broadcast destination (ad-hoc resolution's first hop)
+    answers with its interface's MTU instead of EACCES.
     """
     family = _family(local_ip)
     with socket.socket(family, socket.SOCK_DGRAM) as probe, \
             _step("route_mtu", f"{local_ip} -> {remote_ip}"):
+        if family == socket.AF_INET:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         probe.bind((local_ip, 0))
         probe.connect((remote_ip, MTU_PROBE_PORT))
         if family == socket.AF_INET:
@@ -447,38 +460,71 @@ def route_mtu(local_ip: str, remote_ip: str) -> int:
         return probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
 
 
+def mss_for_mtu(mtu: int, family: int) -> int:
+    """The MSS a route MTU allows (as tcp_connect_init() computes it), clamped to what
+    setsockopt(TCP_MAXSEG) accepts: loopback's 64 KiB MTU would otherwise give ~65000,
+    which the kernel refuses (its bound is MAX_TCP_WINDOW, 32767)."""
+    headers = IPV4_HEADERS_BYTES if family == socket.AF_INET else IPV6_HEADERS_BYTES
+    return max(1, min(mtu - headers, TCP_MAXSEG_MAX))
+
+
+@dataclass(frozen=True)
+class TcpSettings:
+    """The sysctls of the calling thread's namespace that shape a new connection."""
+
+    tcp_rmem: tuple[int, int, int]  # min, default, max
+    rmem_max: int
+    window_scaling: bool
+    timestamps: bool
+    sack: bool
+
+
+def read_tcp_settings(sysctl_dir: Path = SYSCTL_DIR) -> TcpSettings:
+    """Read the TCP sysctls (five small files: cache the result on a hot path)."""
+    low, default, high = _read_sysctl_ints("ipv4/tcp_rmem", sysctl_dir)[:3]
+    try:
+        rmem_max = _read_sysctl_ints("core/rmem_max", sysctl_dir)[0]
+    except OSError:  # not visible in every namespace on older kernels
+        rmem_max = 0
+    return TcpSettings(
+        tcp_rmem=(low, default, high), rmem_max=rmem_max,
+        window_scaling=_read_sysctl_ints("ipv4/tcp_window_scaling", sysctl_dir)[0] != 0,
+        timestamps=_read_sysctl_ints("ipv4/tcp_timestamps", sysctl_dir)[0] != 0,
+        sack=_read_sysctl_ints("ipv4/tcp_sack", sysctl_dir)[0] != 0)
+
+
+def transport_params(settings: TcpSettings, mss: int, rng: random.Random) -> TransportParams:
+    """This side's announcement for a path with MSS `mss`, with a fresh ISN and TSval base.
+
+    Computed as tcp_select_initial_window() would (notes 4b): wscale =
+    ilog2(max(tcp_rmem[2], rmem_max)) - 15, clamped to 0..14; window =
+    rounddown(tcp_rmem[1] / 2, MSS); SACK / TS from the sysctls.
+    """
+    window_scale: int | None = None
+    if settings.window_scaling:
+        space = max(settings.tcp_rmem[2], settings.rmem_max)
+        window_scale = min(max(space.bit_length() - 1 - 15, 0), TCP_MAX_WSCALE)
+    window = (settings.tcp_rmem[1] // 2) // mss * mss
+    if window_scale is None:
+        window = min(window, UNSCALED_WINDOW_MAX)
+    return TransportParams(
+        isn=rng.getrandbits(32), mss=mss, window_scale=window_scale, sack=settings.sack,
+        timestamps=settings.timestamps, window=window,
+        # The low bit of TCP_TIMESTAMP selects usec timestamps on 6.7+: keep it 0 (ms).
+        tsval=rng.getrandbits(32) & ~1 if settings.timestamps else None)
+
+
 def own_transport_params(local_ip: str, remote_ip: str, rng: random.Random, *,
                          sysctl_dir: Path = SYSCTL_DIR) -> TransportParams:
     """What this host announces for a connection from `local_ip` towards `remote_ip` (the
     peer, or the first hop when the peer is not known yet: the peer takes the minimum MSS).
 
-    Computed as tcp_connect_init() / tcp_select_initial_window() would (notes 4b):
-    MSS = route MTU - 40 (IPv6: 60); wscale = ilog2(max(tcp_rmem[2], rmem_max)) - 15,
-    clamped to 0..14; window = rounddown(tcp_rmem[1] / 2, MSS); SACK / TS from the sysctls.
-    Reads the calling thread's network namespace.
+    MSS = route MTU - 40 (IPv6: 60), at most TCP_MAXSEG_MAX; the rest as
+    `transport_params()`. Reads the calling thread's network namespace; uncached (servald
+    caches `read_tcp_settings()` and `route_mtu()` itself).
     """
-    family = _family(local_ip)
-    mss = route_mtu(local_ip, remote_ip) - (
-        IPV4_HEADERS_BYTES if family == socket.AF_INET else IPV6_HEADERS_BYTES)
-    tcp_rmem = _read_sysctl_ints("ipv4/tcp_rmem", sysctl_dir)
-    try:
-        rmem_max = _read_sysctl_ints("core/rmem_max", sysctl_dir)[0]
-    except OSError:  # not visible in every namespace on older kernels
-        rmem_max = 0
-    window_scale: int | None = None
-    if _read_sysctl_ints("ipv4/tcp_window_scaling", sysctl_dir)[0]:
-        space = max(tcp_rmem[2], rmem_max)
-        window_scale = min(max(space.bit_length() - 1 - 15, 0), TCP_MAX_WSCALE)
-    window = (tcp_rmem[1] // 2) // mss * mss
-    if window_scale is None:
-        window = min(window, UNSCALED_WINDOW_MAX)
-    timestamps = _read_sysctl_ints("ipv4/tcp_timestamps", sysctl_dir)[0] != 0
-    return TransportParams(
-        isn=rng.getrandbits(32), mss=mss, window_scale=window_scale,
-        sack=_read_sysctl_ints("ipv4/tcp_sack", sysctl_dir)[0] != 0,
-        timestamps=timestamps, window=window,
-        # The low bit of TCP_TIMESTAMP selects usec timestamps on 6.7+: keep it 0 (ms).
-        tsval=rng.getrandbits(32) & ~1 if timestamps else None)
+    mss = mss_for_mtu(route_mtu(local_ip, remote_ip), _family(local_ip))
+    return transport_params(read_tcp_settings(sysctl_dir), mss, rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,17 +541,20 @@ def prepare_client_socket(local_ip: str, port: int = 0) -> socket.socket:
     shows at `complete_socket()` (or at the server) as EADDRNOTAVAIL.
     """
     sock = socket.socket(_family(local_ip), socket.SOCK_STREAM)
+    step = "bind" if port == 0 else "repair_on"
     try:
         if port == 0:
-            with _step("bind", f"{local_ip}:0"):
-                sock.bind((local_ip, 0))
-            with _step("repair_on"):
-                _set_repair(sock.fileno(), TCP_REPAIR_ON)
+            sock.bind((local_ip, 0))
+            step = "repair_on"
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         else:
-            with _step("repair_on"):
-                _set_repair(sock.fileno(), TCP_REPAIR_ON)
-            with _step("bind", f"{local_ip}:{port}"):
-                sock.bind((local_ip, port))
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+            step = "bind"
+            sock.bind((local_ip, port))
+    except OSError as exc:
+        sock.close()
+        detail = f"{local_ip}:{port}" if step == "bind" else ""
+        raise _step_error(step, detail, exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -521,9 +570,13 @@ def complete_socket(sock: socket.socket, own: TransportParams, peer: TransportPa
     is closed (silently) and RepairError raised; EADDRNOTAVAIL means retry on another port.
     """
     try:
-        _establish(sock.fileno(), own, peer, peer_addr, peer_port, sock)
+        _establish(sock, own, peer, peer_addr, peer_port)
         if release:
-            _leave_repair(sock.fileno(), window_probe=True)
+            try:
+                sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+                sock.setsockopt(socket.SOL_SOCKET, SO_REUSEADDR, 1)
+            except OSError as exc:
+                raise _step_error("release", "", exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -540,57 +593,70 @@ def build_server_socket(local_ip: str, port: int, own: TransportParams, peer: Tr
     """
     sock = socket.socket(_family(local_ip), socket.SOCK_STREAM)
     try:
-        with _step("repair_on"):
-            _set_repair(sock.fileno(), TCP_REPAIR_ON)
-        with _step("bind", f"{local_ip}:{port}"):
+        step = "repair_on"
+        try:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+            step = "bind"
             sock.bind((local_ip, port))
-        _establish(sock.fileno(), own, peer, peer_addr, peer_port, sock)
+        except OSError as exc:
+            raise _step_error(step, f"{local_ip}:{port}" if step == "bind" else "", exc) \
+                from exc
+        _establish(sock, own, peer, peer_addr, peer_port)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _establish(fd: int, own: TransportParams, peer: TransportParams, peer_addr: str,
-               peer_port: int, sock: socket.socket) -> None:
-    """Steps 2-7 of notes section 4 on a bound repair-mode socket."""
-    with _step("queue_seq"):
-        # Only possible in CLOSE state, i.e. before connect().
-        _select_queue(fd, TCP_SEND_QUEUE)
-        _set_u32(fd, SOL_TCP, TCP_QUEUE_SEQ, own.isn)
-        _select_queue(fd, TCP_RECV_QUEUE)
-        _set_u32(fd, SOL_TCP, TCP_QUEUE_SEQ, peer.isn)
-        _select_queue(fd, TCP_NO_QUEUE)
-    mss = min(own.mss, peer.mss)
-    with _step("maxseg"):
-        # Before connect, or mss_cache is computed from the default clamp: 524 (P1).
-        _set_int(fd, SOL_TCP, TCP_MAXSEG, mss)
-    with _step("connect", f"to {peer_addr}:{peer_port}"):
-        sock.connect((peer_addr, peer_port))  # repair mode: no SYN, straight to ESTABLISHED
+def _establish(sock: socket.socket, own: TransportParams, peer: TransportParams,
+               peer_addr: str, peer_port: int) -> None:
+    """Steps 2-7 of notes section 4 on a bound repair-mode socket.
+
+    This runs twice per connection (once per end) on servald's set-up path, so it calls
+    the socket object's setsockopt directly (a tenth of the cost of going through ctypes;
+    these are sockets servald created, never an application's with a timeout) and tracks
+    the step in a variable rather than a context manager per call.
+    """
+    setsockopt = sock.setsockopt
     scaling = own.window_scale is not None and peer.window_scale is not None
     timestamps = own.timestamps and peer.timestamps
-    options: list[tuple[int, int]] = []
+    mss = min(own.mss, peer.mss)
+    options = bytearray()
     if own.sack and peer.sack:
-        options.append((TCPOPT_SACK_PERM, 0))
+        options += REPAIR_OPT.pack(TCPOPT_SACK_PERM, 0)
     # Always pass WINDOW: without it the side whose sysctl allows scaling keeps the shift
     # its repair connect() picked and advertises a ~63-byte window (notes 4b pitfall 1).
-    options.append((TCPOPT_WINDOW, (peer.window_scale or 0) | (own.window_scale or 0) << 16
-                    if scaling else 0))
+    options += REPAIR_OPT.pack(TCPOPT_WINDOW, (peer.window_scale or 0)
+                               | (own.window_scale or 0) << 16 if scaling else 0)
     if timestamps:
-        options.append((TCPOPT_TIMESTAMP, 0))
-    options.append((TCPOPT_MAXSEG, mss))
-    with _step("repair_options"):
-        _setsockopt(fd, SOL_TCP, TCP_REPAIR_OPTIONS,
-                    b"".join(REPAIR_OPT.pack(code, value) for code, value in options))
-    if timestamps and own.tsval is not None:
-        with _step("timestamp"):
-            _set_u32(fd, SOL_TCP, TCP_TIMESTAMP, own.tsval)
+        options += REPAIR_OPT.pack(TCPOPT_TIMESTAMP, 0)
+    options += REPAIR_OPT.pack(TCPOPT_MAXSEG, mss)
     send_window = peer.window if scaling else min(peer.window, UNSCALED_WINDOW_MAX)
     receive_window = own.window if scaling else min(own.window, UNSCALED_WINDOW_MAX)
     # rcv_wup = peer ISN = this socket's rcv_nxt, which the kernel checks.
     window = RepairWindow(peer.isn, send_window, send_window, receive_window, peer.isn)
-    with _step("repair_window"):
-        _setsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, window.pack())
+    step, detail = "queue_seq", ""
+    try:
+        # Only possible in CLOSE state, i.e. before connect().
+        setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _U32.pack(own.isn & SEQ_MASK))
+        setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _U32.pack(peer.isn & SEQ_MASK))
+        setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        step = "maxseg"
+        # Before connect, or mss_cache is computed from the default clamp: 524 (P1).
+        setsockopt(SOL_TCP, TCP_MAXSEG, mss)
+        step, detail = "connect", f"to {peer_addr}:{peer_port}"
+        sock.connect((peer_addr, peer_port))  # repair mode: no SYN, straight to ESTABLISHED
+        step, detail = "repair_options", ""
+        setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, bytes(options))
+        if timestamps and own.tsval is not None:
+            step = "timestamp"
+            setsockopt(SOL_TCP, TCP_TIMESTAMP, _U32.pack(own.tsval & SEQ_MASK))
+        step = "repair_window"
+        setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, window.pack())
+    except OSError as exc:
+        raise _step_error(step, detail, exc) from exc
 
 
 def release(sock: SocketLike, *, window_probe: bool = True) -> None:
@@ -601,7 +667,16 @@ def release(sock: SocketLike, *, window_probe: bool = True) -> None:
     resets sk_reuse, which would stop a SO_REUSEADDR listener from re-binding the shared
     port (notes 4b pitfall 11).
     """
-    _leave_repair(_fd(sock), window_probe=window_probe)
+    if isinstance(sock, socket.socket):
+        # The set-up path (servald's own sockets): the socket object's setsockopt is cheaper.
+        try:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR,
+                            TCP_REPAIR_OFF if window_probe else TCP_REPAIR_OFF_NO_WP)
+            sock.setsockopt(socket.SOL_SOCKET, SO_REUSEADDR, 1)
+        except OSError as exc:
+            raise _step_error("release", "", exc) from exc
+        return
+    _leave_repair(sock, window_probe=window_probe)
 
 
 def _leave_repair(fd: int, *, window_probe: bool) -> None:

@@ -44,9 +44,14 @@ from serval.host.sal import Received
 DELAY_QUEUE_MAX = 1024
 
 
+_SYN_BITS = int(ControlFlags.SYN)
+_SYN_ACK_RST_BITS = int(ControlFlags.SYN | ControlFlags.ACK | ControlFlags.RST)
+
+
 def is_pure_syn(packet: SalPacket) -> bool:
-    flags = packet.flags
-    return bool(flags & ControlFlags.SYN) and not flags & (ControlFlags.ACK | ControlFlags.RST)
+    # Plain int arithmetic: IntFlag operators build new enum members (asked of every packet).
+    control = packet.control
+    return control is not None and int(control.flags) & _SYN_ACK_RST_BITS == _SYN_BITS
 
 
 def is_unconnected_datagram(packet: SalPacket) -> bool:

@@ -20,6 +20,7 @@ from serval.core.wire import (
     ControlFlags,
     EstablishMode,
     MigrateExt,
+    OriginExt,
     Protocol,
     RegisterExt,
     RegisterOp,
@@ -126,6 +127,17 @@ def packet_kinds(family: int) -> dict[str, tuple[SalPacket, int]]:
             ),
             12 + 20 + 36 + 36 + a,
         ),
+        "syn from a translator (ORIGIN)": (
+            SalPacket(
+                CLIENT_FLOW,
+                0,
+                control=control_syn,
+                services=(ServiceExt(WEB),),
+                transport=transport(family),
+                origin=OriginExt(addr(family, 77), 51234),
+            ),
+            12 + 20 + 36 + 36 + a + 8 + a,
+        ),
         "syn handshake mode": (
             SalPacket(
                 CLIENT_FLOW,
@@ -169,6 +181,15 @@ def packet_kinds(family: int) -> dict[str, tuple[SalPacket, int]]:
                 control=ControlExt(ControlFlags.RST | ControlFlags.ACK, 501, 102, SERVER_NONCE),
             ),
             32,
+        ),
+        "refuse (repair 4-tuple conflict)": (
+            SalPacket(
+                0,
+                CLIENT_FLOW,
+                control=ControlExt(ControlFlags.RST | ControlFlags.NACK, 0, 101, CLIENT_NONCE),
+                services=(ServiceExt(WEB),),
+            ),
+            68,
         ),
         "rsyn": (sign(rsyn, PER_FLOW_KEY, 0), 12 + 20 + 16 + a + 20),
         "rsyn-ack": (sign(rsyn_ack, PER_FLOW_KEY, 0), 12 + 20 + 16 + a + 20),
@@ -330,8 +351,21 @@ packets = st.builds(
     migrate=st.none() | st.builds(MigrateExt, u32, u32, addresses, u16),
     register=st.none() | registrations(),
     auth=st.none() | st.builds(AuthExt, u16, st.binary(min_size=16, max_size=16)),
+    origin=st.none() | st.builds(OriginExt, addresses, st.integers(1, 2**16 - 1)),
     payload=st.binary(max_size=64),
-)
+).map(lambda packet: _origin_only_in_a_syn(packet))
+
+
+def _origin_only_in_a_syn(packet: SalPacket) -> SalPacket:
+    """ORIGIN is valid only in a SYN (and never IPv4-mapped): make generated packets so."""
+    origin = packet.origin
+    if origin is None:
+        return packet
+    if isinstance(origin.address, IPv6Address) and origin.address.ipv4_mapped is not None:
+        origin = OriginExt(origin.address.ipv4_mapped, origin.port)
+    control = packet.control or ControlExt(ControlFlags.SYN, 0, 0, CLIENT_NONCE)
+    return dataclasses.replace(packet, origin=origin,
+                               control=dataclasses.replace(control, flags=ControlFlags.SYN))
 
 
 @settings(max_examples=MAX_EXAMPLES // 5, deadline=None)
@@ -457,7 +491,7 @@ def test_unknown_protocol() -> None:
     expect_error(_patch(_syn4(), 9, b"\x05"), "protocol")
 
 
-@pytest.mark.parametrize("type_nibble", [0, 3, 9, 15])
+@pytest.mark.parametrize("type_nibble", [0, 3, 10, 15])
 def test_unknown_extension_type(type_nibble: int) -> None:
     expect_error(_patch(_syn4(), 12, bytes([type_nibble << 4])), "ext[0].type")
 
@@ -648,6 +682,80 @@ def test_unregister_may_have_weight_zero() -> None:
     assert register is not None and register.op is RegisterOp.UNREGISTER
 
 
+def test_refuse_layout_matches_the_docs_example() -> None:
+    refuse = SalPacket(0, FlowID(0x25A), control=ControlExt(
+        ControlFlags.RST | ControlFlags.NACK, 0, 1001, b"\x07" * 8), services=(ServiceExt(WEB),))
+    data = encode(refuse)
+    assert data[:4] == bytes(4) and data[4:10] == bytes.fromhex("0000025a1106")
+    assert data[12:32] == bytes.fromhex("10141800" "00000000" "000003e9") + b"\x07" * 8
+    assert data[32:36] == bytes.fromhex("20240100") and len(data) == 68
+
+
+def test_origin_layout() -> None:
+    packet, size = packet_kinds(4)["syn from a translator (ORIGIN)"]
+    data = encode(packet)
+    docs_example = encode(dataclasses.replace(
+        packet, origin=OriginExt(IPv4Address("198.51.100.23"), 40123)))
+    assert docs_example[-12:] == bytes.fromhex("900c04009cbb0000c6336417")
+    origin = data[size - 12 :]  # ORIGIN (type 9) is the last extension
+    assert origin == bytes([0x90, 12, 4, 0]) + (51234).to_bytes(2, "big") + bytes(2) + bytes(
+        [192, 0, 2, 77])
+    packet6, size6 = packet_kinds(6)["syn from a translator (ORIGIN)"]
+    origin6 = encode(packet6)[size6 - 24 :]
+    assert origin6[:8] == bytes([0x90, 24, 6, 0]) + (51234).to_bytes(2, "big") + bytes(2)
+    assert origin6[8:] == addr(6, 77).packed
+
+
+def _origin_bytes(family: int = 4, reserved: int = 0, port: int = 443, reserved2: int = 0,
+                  address: bytes = bytes([198, 51, 100, 7])) -> bytes:
+    return struct.pack("!BBBBHH", 0x90, 8 + len(address), family, reserved, port,
+                       reserved2) + address
+
+
+def test_origin_builder_is_valid() -> None:
+    packet = decode(_raw_packet(CONTROL_BYTES, SERVICE_BYTES, _origin_bytes()))
+    assert packet.origin == OriginExt(IPv4Address("198.51.100.7"), 443)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (_origin_bytes(family=5), "origin.family"),
+        (_origin_bytes(family=6), "origin"),  # IPv6 tag, IPv4-sized address
+        (_origin_bytes(family=4, address=bytes(16)), "origin"),  # IPv4 tag, 16 bytes
+        (_origin_bytes(reserved=1), "origin.reserved"),
+        (_origin_bytes(reserved2=0x100), "origin.reserved"),
+        (_origin_bytes(port=0), "origin.port"),
+        (_origin_bytes(family=6, address=IPv6Address("::ffff:198.51.100.7").packed),
+         "origin.address"),  # one address, one encoding: IPv4 goes as family 4
+        (bytes([0x90, 4, 4, 0]), "origin"),  # shorter than its fixed part
+    ],
+)  # fmt: skip
+def test_bad_origin_extension(raw: bytes, field: str) -> None:
+    expect_error(_raw_packet(CONTROL_BYTES, SERVICE_BYTES, raw), field)
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        None,  # no CONTROL at all
+        bytes([0x10, 20, 0xA0, 0]) + bytes(16),  # SYN-ACK
+        bytes([0x10, 20, 0x20, 0]) + bytes(16),  # ACK
+        bytes([0x10, 20, 0x88, 0]) + bytes(16),  # SYN|RST
+    ],
+)
+def test_origin_only_in_a_syn(control: bytes | None) -> None:
+    extensions = ([] if control is None else [control]) + [_origin_bytes()]
+    error = expect_error(_raw_packet(*extensions), "origin")
+    assert "only a SYN" in error.message
+
+
+def test_two_origins_and_order() -> None:
+    expect_error(_raw_packet(CONTROL_BYTES, _origin_bytes(), _origin_bytes()), "origin")
+    error = expect_error(_raw_packet(CONTROL_BYTES, _origin_bytes(), AUTH_BYTES), "ext[2].type")
+    assert "ascending" in error.message
+
+
 # -- encode validates -----------------------------------------------------------------------
 
 
@@ -704,6 +812,19 @@ CTRL = ControlExt(ControlFlags.ACK, 1, 1, CLIENT_NONCE)
          "register.sequence"),
         (SalPacket(1, 0, auth=AuthExt(2**16, bytes(16))), "auth.key_id"),
         (SalPacket(1, 0, auth=AuthExt(1, bytes(15))), "auth.tag"),
+        (dataclasses.replace(SYN4, origin=OriginExt(IPv4Address("198.51.100.7"), 0)),
+         "origin.port"),
+        (dataclasses.replace(SYN4, origin=OriginExt(IPv4Address("198.51.100.7"), 65536)),
+         "origin.port"),
+        (dataclasses.replace(SYN4, origin=OriginExt(IPv6Address("::ffff:198.51.100.7"), 1)),
+         "origin.address"),
+        (dataclasses.replace(SYN4, origin=OriginExt("198.51.100.7", 1)),  # type: ignore[arg-type]
+         "origin.address"),
+        (dataclasses.replace(SYN4, origin=("198.51.100.7", 1)),  # type: ignore[arg-type]
+         "origin"),
+        (SalPacket(1, 0, control=CTRL, origin=OriginExt(IPv4Address("198.51.100.7"), 1)),
+         "origin"),  # an ACK: ORIGIN is for SYNs only
+        (SalPacket(1, 0, origin=OriginExt(IPv4Address("198.51.100.7"), 1)), "origin"),
         (SalPacket(1, 0, payload=bytes(65507 - 11)), "payload"),
         (SalPacket(1, 0, payload="text"), "payload"),  # type: ignore[arg-type]
     ],
@@ -740,6 +861,12 @@ def test_largest_header_fits() -> None:
     assert data[8] * 4 == len(data) == 540
     assert data[12 + 20 + 72 + 1] == 244  # SOURCE length still fits its byte
     assert decode(data) == packet
+    # Every extension type at its largest: only a SYN may add an IPv6 ORIGIN (24 bytes).
+    syn = dataclasses.replace(packet, control=ControlExt(ControlFlags.SYN, 1, 0, CLIENT_NONCE),
+                              origin=OriginExt(six, 65535))
+    data = encode(syn)
+    assert data[8] * 4 == len(data) == 564
+    assert decode(data) == syn
 
 
 # -- authentication -------------------------------------------------------------------------

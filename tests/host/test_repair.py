@@ -152,7 +152,9 @@ def test_own_params_follow_the_kernel_formulas(tmp_path: Path, rmem: str, scalin
     sysctls = _fake_sysctls(tmp_path, rmem, scaling, timestamps=1)
     params = repair.own_transport_params("127.0.0.1", "127.0.0.1", random.Random(3),
                                          sysctl_dir=sysctls)
-    assert params.mss == repair.route_mtu("127.0.0.1", "127.0.0.1") - 40
+    # lo's MTU minus 40 is ~65000, more than setsockopt(TCP_MAXSEG) accepts: clamped.
+    assert repair.route_mtu("127.0.0.1", "127.0.0.1") - 40 > repair.TCP_MAXSEG_MAX
+    assert params.mss == repair.TCP_MAXSEG_MAX
     assert params.window_scale == wscale  # ilog2(max(tcp_rmem[2], rmem_max)) - 15
     assert params.window == 65536 // params.mss * params.mss
     assert params.sack and params.timestamps
@@ -290,6 +292,44 @@ def test_sack_and_timestamps_off(pair: Topology) -> None:
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.netns
+def test_route_mtu_towards_the_lan_broadcast_address(pair: Topology) -> None:
+    """Ad-hoc mode's first hop is the LAN broadcast address: the MTU lookup must answer (with
+    the interface's MTU) rather than fail with EACCES and push servald into handshake mode."""
+    a = pair["a"]
+    a_ip = str(a.address(version=4))
+    lan = next(i for i in a.interfaces[0].addresses if i.version == 4)
+    broadcast = str(lan.network.broadcast_address)
+    with a.enter():
+        mtu = repair.route_mtu(a_ip, broadcast)
+        params = repair.own_transport_params(a_ip, broadcast, random.Random(5))
+    assert mtu == 1500  # veth default
+    assert params.mss == 1460
+
+
+@pytest.mark.netns
+def test_loopback_connection_with_the_clamped_mss(pair: Topology) -> None:
+    """Both ends on 127.0.0.1 (a service on the same host): lo's MTU gives an MSS that
+    TCP_MAXSEG refuses unless clamped; with the clamp the repair connection works."""
+    a = pair["a"]
+    rng = random.Random(21)
+    with a.enter():
+        own = repair.own_transport_params("127.0.0.1", "127.0.0.1", rng)
+        peer = repair.own_transport_params("127.0.0.1", "127.0.0.1", rng)
+        assert own.mss == peer.mss == repair.TCP_MAXSEG_MAX
+        client = repair.prepare_client_socket("127.0.0.1")
+        server = repair.build_server_socket("127.0.0.1", SERVICE_PORT, peer, own, "127.0.0.1",
+                                            client.getsockname()[1])
+        try:
+            repair.complete_socket(client, own, peer, "127.0.0.1", SERVICE_PORT)
+            repair.release(server)
+            assert repair.tcp_info(client).snd_mss <= repair.TCP_MAXSEG_MAX
+            _exchange(client, server, 1 << 20, seed=22)
+        finally:
+            client.close()
+            server.close()
 
 
 @pytest.mark.netns

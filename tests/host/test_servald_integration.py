@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from serval.control import ControlClient, Frame
+from serval.core.ids import ServiceID
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
@@ -248,6 +250,48 @@ def test_connect_through_router_repair_mode(stack: dict[str, Servald]) -> None:
         assert after.get("router.syn_forwarded", 0) - before.get("router.syn_forwarded", 0) >= 1
         assert after.get("router.unexpected", 0) == before.get("router.unexpected", 0)
         wait_until(lambda: listener.accepted == 1, 5, "accept event")
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("mode", ["repair", "handshake"])
+def test_origin_and_source_reach_the_accept_event(stack: dict[str, Servald], mode: str) -> None:
+    # What a translator passes for PROXY protocol v2: its legacy client's address rides in
+    # the SYN's ORIGIN extension through the router to the instance's accept event; the
+    # client's own serviceID (connect's `source`) becomes the accept event's peer.service.
+    listener = Listener(stack["s3"], f"echo.origin.{mode}")
+    try:
+        wait_until(lambda: _instances_registered(stack["r"],
+                                                 {str(stack["s3"].host.address(version=4))}),
+                   5, "registration at the router")
+        cases = [
+            ({"addr": "198.51.100.23", "port": 40123}, {"addr": "198.51.100.23", "port": 40123}),
+            ({"addr": "2001:db8::7", "port": 443}, {"addr": "2001:db8::7", "port": 443}),
+            ({"addr": "::ffff:203.0.113.9", "port": 1}, {"addr": "203.0.113.9", "port": 1}),
+            (None, None),
+        ]
+        for count, (proxy, expected) in enumerate(cases, start=1):
+            fields: dict[str, Any] = {"service": f"echo.origin.{mode}", "mode": mode,
+                                      "timeout_s": 5.0, "source": "translator.example"}
+            if proxy is not None:
+                fields["proxy"] = proxy
+            with stack["c"].client() as client:
+                frame = client.call("connect", fields, wait_s=10)
+            socket.socket(fileno=frame.fds[0]).close()
+            assert frame.message["mode"] == mode
+            wait_until(lambda n=count: len(listener.accept_events) == n,
+                       5, "accept event")
+            event = listener.accept_events[-1]
+            assert event["proxy"] == expected
+            assert event["peer"]["service"] == str(ServiceID.parse("translator.example"))
+            assert event["peer"]["address"] == str(stack["c"].host.address(version=4))
+        with stack["c"].client() as client:
+            for bad in ({"addr": "not-an-address", "port": 1}, {"addr": "192.0.2.1", "port": 0},
+                        {"addr": "192.0.2.1"}, "192.0.2.1:80"):
+                with pytest.raises(OSError) as caught:
+                    client.call("connect", {"service": f"echo.origin.{mode}", "proxy": bad},
+                                wait_s=10)
+                assert caught.value.errno == errno.EINVAL, bad
     finally:
         listener.close()
 
@@ -575,6 +619,9 @@ def test_adhoc_hosts_reach_each_others_services(adhoc: dict[str, Servald]) -> No
         sock, reply = connect(adhoc["a"], "adhoc.b")
         with sock:
             assert reply["peer"]["address"] == str(adhoc["b"].host.address(version=4))
+            # Repair works without a router too (its MTU lookup once went to the broadcast
+            # address, failed with EACCES, and every ad-hoc connection fell back).
+            assert reply["mode"] == "repair"
             assert roundtrip(sock, b"over broadcast", tag_bytes=2) == b"bb"
         sock, _ = connect(adhoc["b"], "adhoc.a", mode="handshake")
         with sock:
@@ -816,6 +863,11 @@ def test_four_tuple_conflict_is_refused_for_a_retry(stack: dict[str, Servald]) -
         assert first.flags & ControlFlags.SYN and first.flags & ControlFlags.ACK
         assert second.flags & ControlFlags.RST and second.flags & ControlFlags.NACK
         assert second.control is not None and second.control.nonce == b"\x07" * 8
+        # The REFUSE layout of docs/protocol.md: from no flow, acknowledging the SYN (verno
+        # 1000), naming the service; the client trusts it by the echoed nonce and this ackno.
+        assert second.src_flow == 0 and int(second.dst_flow) == 602
+        assert second.control.ackno == 1001
+        assert second.destination_service is not None
         assert host.counters().get("stream.refuse_tuple_conflict", 0) >= 1
     finally:
         listener.close()
