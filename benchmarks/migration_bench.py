@@ -24,6 +24,7 @@ Target on the 2-vCPU test machine: p50 <= 10 ms, p99 <= 50 ms. Reports; asserts 
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import math
@@ -111,11 +112,12 @@ def percentile(values: list[float], fraction: float) -> float:
 # the two runtimes
 
 
-class Mover:
+class Mover(abc.ABC):
     """Requests one migration of one end; returns (outcome, pause_ms, frozen_ms, resent)."""
 
+    @abc.abstractmethod
     def move(self, side: str, address: str) -> tuple[str, float, float, int]:
-        raise NotImplementedError
+        """Move `side` of the flow to `address`."""
 
 
 class EngineMover(Mover):

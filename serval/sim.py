@@ -28,6 +28,7 @@ the request even when every handshake ACK is lost (the implicit ACK).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import heapq
 import itertools
@@ -102,21 +103,22 @@ class NetworkCounters:
     unreachable: int = 0  # destination address not attached at delivery time
 
 
-class Node:
+class Node(abc.ABC):
     """Something attached to the network at one or more addresses."""
 
     name: str
 
+    @abc.abstractmethod
     def receive(self, data: bytes, source: Address, destination: Address) -> None:
-        raise NotImplementedError
+        """One datagram for `destination` (one of this node's addresses) arrived."""
 
     def next_timer(self) -> float | None:
         return None
 
-    def on_timer(self) -> None:
+    def on_timer(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Called when `next_timer()` <= now."""
 
-    def on_data(self, flow_id: int) -> None:
+    def on_data(self, flow_id: int) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Simulated TCP data for local flow `flow_id` arrived."""
 
 
