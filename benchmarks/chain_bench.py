@@ -50,7 +50,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -58,7 +57,7 @@ import tempfile
 import textwrap
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +97,7 @@ from serval.topology import (  # noqa: E402
     Topology,
     TopologySpec,
     cleanup_stale,
+    sigterm_as_exit,
 )
 
 TOPOLOGY_PREFIX = "svcb"
@@ -882,17 +882,6 @@ def check_prerequisites(options: Options) -> None:
     if missing:
         raise SystemExit(f"missing {', '.join(missing)} (scripts/install-deps.sh)")
 
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_round(bench: Bench, round_index: int, progress: Progress,

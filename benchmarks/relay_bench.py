@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ from serval.topology import (  # noqa: E402
     Topology,
     TopologySpec,
     cleanup_stale,
+    sigterm_as_exit,
 )
 
 TOPOLOGY_PREFIX = "svrb"  # namespaces svrb<hex>-client/-relay/-server; unique per run
@@ -1131,19 +1132,6 @@ def raise_fd_limit(wanted: int) -> None:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM runs the same cleanup as Ctrl-C (finally blocks, topology teardown)."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ from serval.topology import (  # noqa: E402
     Topology,
     TopologySpec,
     cleanup_stale,
+    sigterm_as_exit,
 )
 
 TOPOLOGY_PREFIX = "svsb"
@@ -832,19 +833,6 @@ def parse_args(argv: Sequence[str]) -> Options:
         concurrency=args.concurrency, baseline_tree=baseline, output_dir=args.output_dir,
         quick=quick, sections=sections)
 
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM runs the same cleanup as Ctrl-C (finally blocks, topology teardown)."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

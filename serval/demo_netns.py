@@ -46,7 +46,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -66,6 +66,7 @@ from serval.topology import (
     TopologySpec,
     cleanup_stale,
 )
+from serval.topology import sigterm_as_exit as _sigterm_as_exit
 
 SERVICE_NAME = "web.example"
 TOPOLOGY_PREFIX = "svdemo"  # namespaces svdemo<hex>-<host>
@@ -1000,17 +1001,6 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("step_kill", f"Failure: {VICTIM} is killed while traffic runs"),
 )
 
-
-@contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run(options: argparse.Namespace, stream: TextIO = sys.stdout) -> int:

@@ -1137,3 +1137,17 @@ async def _ip_batch(commands: Sequence[str]) -> None:
     # One `ip` process for all namespaces; `ip netns add` also sets up /run/netns as a
     # shared mount the first time, which is fiddly to reproduce.
     await _exec(["ip", "-batch", "-"], stdin="\n".join(commands) + "\n")
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM runs the same cleanup as Ctrl-C (finally blocks, topology teardown)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
