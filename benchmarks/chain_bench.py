@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import re
@@ -77,13 +76,15 @@ from common import (  # noqa: E402
     SERIES_COLORS,
     BarPanel,
     Progress,
+    clean_for_json,
     format_number,
-    json_number,
     markdown_table,
     median,
+    parse_iperf3,
     plot_bar_panels,
     process_tree_cpu_s,
     ratio,
+    tool_versions,
     write_json,
 )
 
@@ -532,18 +533,14 @@ def measure_bulk(bench: Bench, contender: str, seconds: float) -> dict[str, Any]
         start_iperf_server(bench)
         return sample
     split = cpu_delta(before, cpu_split(bench, contender))
-    try:
-        report = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        report = {"error": (result.stdout + result.stderr).strip()[-300:] or "no output"}
-    if "error" in report or result.returncode != 0:
-        sample["error"] = str(report.get("error", f"iperf3 exit {result.returncode}"))
+    iperf = parse_iperf3(result)
+    if iperf.error is not None:
+        sample["error"] = iperf.error
         start_iperf_server(bench)  # a failed test can leave the server wedged
         return sample
-    received = report["end"]["sum_received"]
-    sample["gbit_s"] = received["bits_per_second"] / 1e9
-    sample["bytes"] = int(received["bytes"])
-    sample["retransmits"] = report["end"].get("sum_sent", {}).get("retransmits")
+    sample["gbit_s"] = iperf.gbit_s
+    sample["bytes"] = iperf.bytes
+    sample["retransmits"] = iperf.retransmits
     if contender != "direct":
         sample["relay_cpu_split_s"] = split
         sample["relay_cpu_s"] = sum(split.values())
@@ -707,16 +704,6 @@ def summarize(samples: list[dict[str, Any]], contenders: Sequence[str]) -> dict[
 def _range(values: Sequence[float]) -> tuple[float, float]:
     clean = [v for v in values if v == v]
     return (min(clean), max(clean)) if clean else (float("nan"), float("nan"))
-
-
-def clean_for_json(value: Any) -> Any:
-    if isinstance(value, float):
-        return json_number(value)
-    if isinstance(value, dict):
-        return {str(k): clean_for_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_for_json(v) for v in value]
-    return value
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -990,7 +977,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "kernel": platform.release(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "loadavg_start": loadavg_start,
             "loadavg_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-            "tools": tool_versions(),
+            "tools": tool_versions({"haproxy": [HAPROXY, "-v"], "iperf3": [IPERF3, "--version"],
+                                    "nginx": [NGINX, "-v"], "wrk": [WRK, "--version"]}),
         },
         "aborted": failure,
         "summary": summarize(samples, options.contenders),
@@ -1011,20 +999,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {', '.join(str(options.output_dir / name) for name in written)}",
           file=sys.stderr)
     return exit_code
-
-
-def tool_versions() -> dict[str, str]:
-    versions: dict[str, str] = {}
-    for name, argv in (("haproxy", [HAPROXY, "-v"]), ("iperf3", [IPERF3, "--version"]),
-                       ("nginx", [NGINX, "-v"]), ("wrk", [WRK, "--version"])):
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        output = (done.stdout + done.stderr).strip()
-        if output:
-            versions[name] = output.splitlines()[0].strip()
-    return versions
 
 
 if __name__ == "__main__":

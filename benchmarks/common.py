@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serval.topology import Host
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -76,12 +81,37 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def process_tree_cpu_s(pid: int) -> float:
+def _task_runtime_s(pid: int) -> float:
+    """On-CPU seconds of every live thread of a process, from /proc/<pid>/task/*/schedstat.
+
+    The first schedstat field is the scheduler's sum_exec_runtime in nanoseconds: the same total
+    that utime+stime are scaled to, but without their 1/USER_HZ (10 ms) rounding per field,
+    which at 1 Gbit/s is ~3% of a 6 s run's relay CPU.
+    """
+    total_ns = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as schedstat:
+                total_ns += int(schedstat.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return total_ns / 1e9
+
+
+def process_tree_cpu_s(pid: int, *, schedstat: bool = False) -> float:
     """User+system CPU seconds of a process, all its threads and all its descendants.
 
     Reaped children are included through cutime/cstime (socat forks one child per connection and
     reaps it when it exits); children still alive are walked and added. A process that has
     already gone counts as zero, so take the sample while the relay is still running.
+
+    `schedstat`: count live threads with nanosecond resolution (_task_runtime_s) instead of
+    utime+stime. Threads that exited are then lost, so use it only for processes that keep their
+    threads over the measured interval (relays: HAProxy, the engine's workers).
     """
     try:
         fields = _stat_fields(pid)
@@ -90,9 +120,10 @@ def process_tree_cpu_s(pid: int) -> float:
     # After the ")" the fields start at field 3 (state): utime is field 14, stime 15,
     # cutime 16, cstime 17 (proc(5)), i.e. indexes 11..14 here.
     utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
-    total_s = (utime + stime + cutime + cstime) / CLOCK_TICKS_PER_S
+    own_s = _task_runtime_s(pid) if schedstat else (utime + stime) / CLOCK_TICKS_PER_S
+    total_s = own_s + (cutime + cstime) / CLOCK_TICKS_PER_S
     for child in _children(pid):
-        total_s += process_tree_cpu_s(child)
+        total_s += process_tree_cpu_s(child, schedstat=schedstat)
     return total_s
 
 
@@ -106,6 +137,66 @@ def rss_bytes(pid: int) -> int:
 def fd_count(pid: int) -> int:
     """Open file descriptors of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and tools in the namespaces
+
+LISTEN_POLL_S = 0.05
+VERSION_NUMBER = re.compile(r"\d+\.\d+")
+
+
+def wait_listening(host: Host, port: int, timeout_s: float) -> None:
+    """Poll `ss` in the host's namespace until something listens on the TCP port (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if host.run(["ss", "-Hltn", f"sport = :{port}"], check=False).stdout.strip():
+            return
+        time.sleep(LISTEN_POLL_S)
+    raise TimeoutError(f"nothing listens on port {port} in {host.netns} after {timeout_s:g} s")
+
+
+@dataclass
+class IperfResult:
+    """What one `iperf3 -J` client run reported: goodput as received by the server."""
+
+    gbit_s: float = float("nan")
+    bytes: int = 0
+    retransmits: int | None = None
+    error: str | None = None
+
+
+def parse_iperf3(result: subprocess.CompletedProcess[str]) -> IperfResult:
+    """The receiver-side totals of an `iperf3 -J` client run, or why there are none."""
+    try:
+        report = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        report = {"error": (result.stdout + result.stderr).strip()[-500:] or "no output"}
+    if "error" in report or result.returncode != 0:
+        return IperfResult(error=str(report.get("error", f"iperf3 exit {result.returncode}")))
+    received = report["end"]["sum_received"]
+    return IperfResult(
+        gbit_s=received["bits_per_second"] / 1e9,
+        bytes=int(received["bytes"]),
+        retransmits=report["end"].get("sum_sent", {}).get("retransmits"),
+    )
+
+
+def tool_versions(tools: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """name -> version line of each tool (argv prints it); tools that cannot run are left out."""
+    versions: dict[str, str] = {}
+    for name, argv in tools.items():
+        try:
+            done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        if lines:
+            # The first line with a version number: socat starts with a banner line, wrk
+            # follows its version line with usage text that also says "version".
+            numbered = [line for line in lines if VERSION_NUMBER.search(line)]
+            versions[name] = (numbered[0] if numbered else lines[0]).strip()
+    return versions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +259,17 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     temporary.replace(path)
+
+
+def clean_for_json(value: Any) -> Any:
+    """A copy with every NaN as null (JSON has no NaN) and every mapping key a string."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, dict):
+        return {str(key): clean_for_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_for_json(item) for item in value]
+    return value
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -70,12 +70,14 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     SERIES_COLORS,
     Progress,
+    clean_for_json,
     format_number,
     json_number,
     markdown_table,
     median,
     process_tree_cpu_s,
     ratio,
+    wait_listening,
     write_json,
 )
 
@@ -312,16 +314,6 @@ def wait_output_line(process: subprocess.Popen[bytes], what: str) -> None:
         raise RuntimeError(f"{what} did not start: {line!r}")
 
 
-def wait_listening(host: Host, port: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        output = host.run(["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
-        if output.strip():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} in {host.name}")
-
-
 # ---------------------------------------------------------------------------------------------
 # The set-up
 
@@ -375,8 +367,8 @@ class Bench:
                 [sys.executable, "-m", "serval.perf", "--control-socket", server_daemon.control,
                  "server", service, "--name", "s", *extra], env=env, stdout=log,
                 stderr=subprocess.STDOUT))
-        wait_listening(server, IPERF_PORT)
-        wait_listening(server, PERF_TCP_PORT)
+        wait_listening(server, IPERF_PORT, READY_TIMEOUT_S)
+        wait_listening(server, PERF_TCP_PORT, READY_TIMEOUT_S)
         time.sleep(0.5)  # the serval-perf listeners register their services with servald
 
     def _start_setup(self) -> None:
@@ -625,16 +617,6 @@ def evaluate_targets(summary: dict[str, Any],
     targets.append({"target": "1 GiB serval-perf transfer verifies",
                     "value": verified, "met": verified})
     return targets
-
-
-def clean_for_json(value: Any) -> Any:
-    if isinstance(value, float):
-        return json_number(value)
-    if isinstance(value, dict):
-        return {key: clean_for_json(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_for_json(item) for item in value]
-    return value
 
 
 def render_markdown(result: dict[str, Any]) -> str:

@@ -182,6 +182,9 @@ class RelayServer:
         return {
             "pid": os.getpid(),
             "pipe_size": self.relay.pipe_size,
+            "read_ahead_bytes": self.relay.read_ahead_bytes,
+            "max_rounds": self.relay.max_rounds,
+            "lowat_bytes": self.relay.lowat_bytes,
             "workers": workers,
             "totals": totals,
             "live_pairs": totals.get("active_pairs", 0),
@@ -217,12 +220,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipe-size", type=int, default=1 << 20, help="bytes per relay pipe")
     parser.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
                         help="set TCP_NODELAY on both sockets, as HAProxy does (default: on)")
+    # Engine tuning, so that relay_bench.py can run variants side by side (--engine-variant).
+    parser.add_argument("--read-ahead", type=int, default=None,
+                        help="bytes read into a pipe while its destination is blocked "
+                        "(default: the pipe size)")
+    parser.add_argument("--max-rounds", type=int, default=None,
+                        help="splice-in/splice-out rounds per direction per dispatch")
+    parser.add_argument("--splice-more", action="store_true",
+                        help="experiment: SPLICE_F_MORE on splice-out while the source is readable")
+    parser.add_argument("--lowat", type=int, default=None,
+                        help="SO_RCVLOWAT bytes for fast streaming sources (0: off; default: "
+                        "the engine's, 256 KiB)")
+    parser.add_argument("--lowat-hold", type=float, default=None,
+                        help="seconds without input before a raised SO_RCVLOWAT is cleared")
     parser.add_argument("--stats-file", type=Path, default=None,
                         help="where SIGUSR1 writes the engine counters as JSON")
     args = parser.parse_args(argv)
 
     raise_fd_limit()
-    relay = Relay(workers=args.workers, pipe_size=args.pipe_size)
+    tuning: dict[str, Any] = {}
+    if args.read_ahead is not None:
+        tuning["read_ahead_bytes"] = args.read_ahead
+    if args.max_rounds is not None:
+        tuning["max_rounds"] = args.max_rounds
+    if args.splice_more:
+        tuning["splice_more"] = True
+    if args.lowat is not None:
+        tuning["lowat_bytes"] = args.lowat
+    if args.lowat_hold is not None:
+        tuning["lowat_hold_s"] = args.lowat_hold
+    relay = Relay(workers=args.workers, pipe_size=args.pipe_size, **tuning)
     server = RelayServer(args.listen, args.connect, relay, args.stats_file, args.nodelay)
 
     def on_stats(signum: int, frame: FrameType | None) -> None:

@@ -105,6 +105,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_ERROR
         SO_LINGER
+        SO_RCVLOWAT
         SHUT_WR
         MSG_NOSIGNAL
         MSG_DONTWAIT

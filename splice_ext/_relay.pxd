@@ -20,6 +20,8 @@ cdef enum:
 ctypedef struct Direction:
     # One direction of a pair: source side -> (pipe | copy buffer) -> destination side.
     uint64_t bytes                # delivered to the destination (relaxed atomic)
+    double last_input             # CLOCK_MONOTONIC of the last read that moved bytes
+    double lowat_hold_s           # while DIR_LOWAT: clear the mark after this long without input
     char* buffer                  # copy-mode buffer, allocated the first time it is needed
     int pipe_read                 # -1 while no pipe is attached (idle directions hold none)
     int pipe_write
@@ -101,6 +103,7 @@ ctypedef struct Counters:
     uint64_t pipes_pooled
     uint64_t completions
     uint64_t wakeups              # epoll_wait returns
+    uint64_t lowat_sets           # SO_RCVLOWAT raised on a streaming source
 
 
 ctypedef struct Worker:
@@ -120,6 +123,11 @@ ctypedef struct Worker:
     int epoll_fd
     int wake_fd
     uint32_t pipe_size
+    uint32_t read_ahead_bytes     # stop splice-in at this many bytes in the pipe while blocked
+    uint32_t max_rounds           # (splice-in, splice-out) rounds per direction per dispatch
+    uint32_t tuning               # TUNE_* bits (benchmark experiments; 0 by default)
+    uint32_t lowat_bytes          # SO_RCVLOWAT for streaming sources; 0 = never set
+    double lowat_hold_s           # longest a raised mark may wait for input (the delay bound)
     uint32_t pool_max
     uint32_t max_pipes            # 0 = unlimited
     double idle_timeout_s         # 0 = disabled
@@ -139,6 +147,10 @@ ctypedef struct Worker:
     int* pool                     # pooled empty pipes: [read, write, read, write, ...]
     uint32_t pool_length
     double pipe_retry_at          # no pipe2() before this time after a failure
+    uint64_t* lowat               # (gen << 32 | slot << 1 | direction) with SO_RCVLOWAT set
+    size_t lowat_count
+    size_t lowat_capacity
+    double lowat_check_at         # next look at the lowat list (valid while lowat_count > 0)
     double now                    # CLOCK_MONOTONIC, refreshed once per loop iteration
     char padding[64]              # keep the counters off the cache lines above
     Counters counters
@@ -152,6 +164,9 @@ cdef class Relay:
     cdef bint _initialized
     cdef bint _stopped
     cdef uint32_t _pipe_size
+    cdef uint32_t _read_ahead_bytes
+    cdef uint32_t _max_rounds
+    cdef uint32_t _lowat_bytes
     cdef double _idle_timeout_s
     cdef double _half_close_timeout_s
 

@@ -8,6 +8,9 @@ from splice_ext._types import Completion, PairStats, Side, WorkerStats
 
 DEFAULT_PIPE_SIZE: int
 DEFAULT_PIPE_POOL_SIZE: int
+DEFAULT_MAX_ROUNDS: int
+DEFAULT_LOWAT_BYTES: int
+DEFAULT_LOWAT_HOLD_S: float
 
 class Relay:
     """A pool of worker threads relaying bytes between socket pairs with splice().
@@ -29,6 +32,20 @@ class Relay:
         max_pipes_per_worker: cap on pipes a worker holds (pooled + in use); beyond it,
             directions relay through a 256 KiB read/send buffer. ``None``: no cap (a pipe is
             only held while its direction has bytes in flight).
+        read_ahead_bytes: while a direction's destination cannot take more, stop reading its
+            source once the pipe holds this many bytes (the rest waits in the source's socket
+            buffer and its TCP window closes). ``None``: ``pipe_size``. Capped at ``pipe_size``.
+        max_rounds: (splice-in, splice-out) rounds per direction before a worker serves other
+            pairs (the pair is revisited in the same loop iteration).
+        splice_more: experiment, off by default: pass SPLICE_F_MORE on splice-out while the
+            source is still readable (the kernel already sets MSG_MORE inside one call).
+        lowat_bytes: once a direction drains its source reading at least a quarter of this
+            per wake-up, at a rate that brings this many bytes within ``lowat_hold_s``, set
+            SO_RCVLOWAT to it on the source: the worker wakes once per ``lowat_bytes`` instead
+            of once per arriving burst. Default 256 KiB; 0 switches it off.
+        lowat_hold_s: upper bound of how long a raised SO_RCVLOWAT waits for input before it is
+            cleared (it is held for twice the expected fill time, within this bound), i.e. the
+            most a tail or a small message right after a fast stream is delayed. Default 4 ms.
 
     Raises:
         ValueError: a parameter is out of range.
@@ -43,6 +60,12 @@ class Relay:
         half_close_timeout_s: float | None = None,
         pipe_pool_size: int = ...,
         max_pipes_per_worker: int | None = None,
+        *,
+        read_ahead_bytes: int | None = None,
+        max_rounds: int = ...,
+        splice_more: bool = False,
+        lowat_bytes: int = ...,
+        lowat_hold_s: float = ...,
     ) -> None: ...
     @property
     def workers(self) -> int:
@@ -50,6 +73,15 @@ class Relay:
     @property
     def pipe_size(self) -> int:
         """Effective pipe capacity requested with F_SETPIPE_SZ (after the pipe-max-size cap)."""
+    @property
+    def read_ahead_bytes(self) -> int:
+        """Bytes a direction reads ahead into its pipe while the destination is blocked."""
+    @property
+    def max_rounds(self) -> int:
+        """(splice-in, splice-out) rounds per direction per dispatch."""
+    @property
+    def lowat_bytes(self) -> int:
+        """SO_RCVLOWAT set on streaming sources (0: never)."""
     @property
     def idle_timeout_s(self) -> float | None: ...
     @property

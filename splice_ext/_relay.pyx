@@ -23,8 +23,9 @@ from splice_ext._linux cimport (
     ENOMEM, ENOSPC, ENOSYS, ENOTCONN, ENOTSOCK, EPIPE, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL,
     EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, ESHUTDOWN, F_SETPIPE_SZ, FIONBIO,
     MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, SHUT_WR, SIG_BLOCK, SO_ERROR, SO_LINGER,
-    SOL_SOCKET, SPLICE_F_MOVE, SPLICE_F_NONBLOCK, close, epoll_create1, epoll_ctl, epoll_event,
-    epoll_wait, errno, eventfd, fcntl, getsockopt, ioctl, linger, pipe2, pthread_cond_broadcast,
+    SO_RCVLOWAT, SOL_SOCKET, SPLICE_F_MORE, SPLICE_F_MOVE, SPLICE_F_NONBLOCK, close,
+    epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno, eventfd, fcntl, getsockopt, ioctl,
+    linger, pipe2, pthread_cond_broadcast,
     pthread_cond_destroy, pthread_cond_init, pthread_cond_wait, pthread_mutex_destroy,
     pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock, pthread_sigmask, read,
     relay_counter_add, relay_counter_get, relay_monotonic_s, relay_u32_get, relay_u32_set, send,
@@ -58,6 +59,8 @@ cdef enum:
                          # (h2o #3075: no hot loop; sozu #1323: no lost edge)
     DIR_COPY = 8         # read with read() into the copy buffer from now on
     DIR_COPY_OUT = 16    # splice-out is refused too: drain the pipe through the copy buffer
+    DIR_LOWAT = 32       # SO_RCVLOWAT is raised on the source (see "Receive low-water mark")
+    DIR_NO_LOWAT = 64    # the source refused SO_RCVLOWAT (not a socket): do not ask again
 
     # Pair.flags
     PAIR_READY_LISTED = 1
@@ -85,16 +88,15 @@ cdef enum:
 
     OPTION_NO_SPLICE = 1
 
+    # Worker.tuning bits: experiments the benchmark can switch on (splice_relay_server.py).
+    TUNE_SPLICE_MORE = 1  # SPLICE_F_MORE on splice-out while the source is still readable
+
     PUMP_DEAD = -1       # the pair was finished (and its slot freed) inside the call
     PUMP_PROGRESS = 1    # bytes moved
     PUMP_CHANGED = 2     # EOF seen or shutdown forwarded
     PUMP_BUDGET = 4      # stopped before EAGAIN to let other pairs run: must be revisited
 
     MAX_EVENTS = 256
-    # Rounds of (splice-in, splice-out) per direction per dispatch, i.e. up to 16 pipe loads
-    # before the worker looks at other pairs. The pair goes on the ready list meanwhile, because
-    # with edge-triggered epoll no new event would come for bytes already queued.
-    MAX_ROUNDS = 16
     # The recv/send path's buffer. Large, because its cost per byte is in the syscall count (§5 of
     # the splice notes: 1 MiB recv/send beat 64 KiB); allocated only for pairs that fall back.
     COPY_BUFFER_BYTES = 256 * 1024
@@ -107,11 +109,23 @@ cdef uint64_t LOW32 = 0xFFFFFFFFULL
 # After pipe2() fails (EMFILE, ENFILE), do not retry it for this long: the copy path serves in
 # the meantime and we do not pay a failing syscall per read.
 cdef double PIPE_RETRY_S = 0.1
+# Shortest hold of a raised SO_RCVLOWAT: below it the timer would fire before a wake-up's worth
+# of scheduling noise has passed, and clear marks of streams that are still flowing.
+cdef double LOWAT_MIN_HOLD_S = 0.0005
 
 _REASONS = ("eof", "closed", "reset", "idle-timeout", "half-close-timeout", "aborted", "error")
 _STATES = ("free", "pending", "active", "parked")
 DEFAULT_PIPE_SIZE = 1 << 20
 DEFAULT_PIPE_POOL_SIZE = 256
+# Rounds of (splice-in, splice-out) per direction per dispatch, i.e. up to 16 pipe loads before
+# the worker looks at other pairs. The pair goes on the ready list meanwhile, because with
+# edge-triggered epoll no new event would come for bytes already queued.
+DEFAULT_MAX_ROUNDS = 16
+# SO_RCVLOWAT raised on fast bulk streams, and the longest it may stay without input before it
+# is cleared: the most a small message right after such a stream can be held back (see
+# "Receive low-water mark"; benchmarks/results/relay.md has the measurements behind them).
+DEFAULT_LOWAT_BYTES = 256 * 1024
+DEFAULT_LOWAT_HOLD_S = 0.004
 _PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
 
 
@@ -146,6 +160,8 @@ cdef void reset_pair(Pair* p, uint32_t slot) noexcept nogil:
     cdef int k
     for k in range(2):
         p.dirs[k].bytes = 0
+        p.dirs[k].last_input = 0.0
+        p.dirs[k].lowat_hold_s = 0.0
         p.dirs[k].buffer = NULL
         p.dirs[k].pipe_read = -1
         p.dirs[k].pipe_write = -1
@@ -234,6 +250,8 @@ cdef int next_timeout_ms(Worker* w) noexcept nogil:
                      + w.half_close_timeout_s)
         if deadline < 0 or candidate < deadline:
             deadline = candidate
+    if w.lowat_count and (deadline < 0 or w.lowat_check_at < deadline):
+        deadline = w.lowat_check_at
     if deadline < 0:
         return -1
     wait_ms = (deadline - w.now) * 1000.0
@@ -386,6 +404,111 @@ cdef int socket_error(int fd) noexcept nogil:
 
 
 # --------------------------------------------------------------------------------------------
+# Receive low-water mark (Relay(lowat_bytes=..., lowat_hold_s=...); 0 bytes switches it off).
+# A bulk stream paced by the network (a 1 Gbit/s link) wakes the worker once per arriving
+# burst, ~64 KiB each, for a splice-in, a splice-out and an EAGAIN: about half the relay's CPU
+# per GB there. Once a direction drains its source reading >= lowat/4 per wake-up, at a rate
+# that brings lowat bytes within lowat_hold_s, SO_RCVLOWAT = lowat on the source makes the
+# kernel wake us only when that much is queued (or on FIN, memory pressure or a nearly closed
+# window: tcp_epollin_ready). A tail shorter than lowat would then wait for data that may never
+# come, so a direction that read nothing for twice its expected fill time (at most
+# lowat_hold_s) gets its mark cleared, and tcp_set_rcvlowat() signals EPOLLIN at once if bytes
+# wait. A small message right after a fast stream is therefore delayed by at most lowat_hold_s
+# (4 ms by default; well under 1 ms at 10 Gbit/s), and a direction that never streams fast is
+# never touched. EOF, park() and swap_fd() clear the mark too.
+# --------------------------------------------------------------------------------------------
+
+cdef void lowat_arm(Worker* w, Pair* p, int k, double hold_s) noexcept nogil:
+    cdef int value = <int>w.lowat_bytes
+    cdef uint64_t* grown
+    cdef size_t capacity
+    cdef double due
+    if w.lowat_count == w.lowat_capacity:
+        capacity = w.lowat_capacity * 2 if w.lowat_capacity else INITIAL_QUEUE
+        grown = <uint64_t*>realloc(w.lowat, capacity * sizeof(uint64_t))
+        if grown == NULL:
+            return  # out of memory: simply keep waking per burst
+        w.lowat = grown
+        w.lowat_capacity = capacity
+    if setsockopt(p.fds[k], SOL_SOCKET, SO_RCVLOWAT, &value, sizeof(value)) < 0:
+        p.dirs[k].flags |= DIR_NO_LOWAT
+        return
+    p.dirs[k].flags |= DIR_LOWAT
+    p.dirs[k].lowat_hold_s = hold_s
+    w.lowat[w.lowat_count] = event_token(p, k)
+    w.lowat_count += 1
+    relay_counter_add(&w.counters.lowat_sets, 1)
+    due = p.dirs[k].last_input + hold_s
+    if w.lowat_count == 1 or due < w.lowat_check_at:
+        w.lowat_check_at = due
+
+
+cdef void consider_lowat(Worker* w, Pair* p, int k, uint64_t moved_in) noexcept nogil:
+    """A drained direction just read a bulk amount: raise its mark if the stream is fast.
+
+    At the rate since the previous input, lowat bytes take `fill_s` to arrive. The mark is
+    raised only if they come within the worker's hold bound, and it is held for twice that
+    (at most the bound): a 10 Gbit/s stream's tail then waits well under a millisecond, a
+    1 Gbit/s one's a few, and a slow stream is never touched (it would only churn the option).
+    """
+    cdef double fill_s = (<double>w.lowat_bytes * (w.now - p.dirs[k].last_input)
+                          / <double>moved_in)
+    cdef double hold_s = 2.0 * fill_s
+    if fill_s > w.lowat_hold_s:
+        return
+    if hold_s > w.lowat_hold_s:
+        hold_s = w.lowat_hold_s
+    elif hold_s < LOWAT_MIN_HOLD_S:
+        hold_s = LOWAT_MIN_HOLD_S
+    # lowat_arm computes the deadline from last_input: the input just read.
+    p.dirs[k].last_input = w.now
+    lowat_arm(w, p, k, hold_s)
+
+
+cdef void lowat_disarm(Pair* p, int k) noexcept nogil:
+    cdef int one = 1
+    if not (p.dirs[k].flags & DIR_LOWAT):
+        return
+    p.dirs[k].flags &= ~DIR_LOWAT
+    if not (p.dirs[k].flags & DIR_EOF):
+        # Also queues an EPOLLIN edge if bytes are already waiting (tcp_set_rcvlowat).
+        setsockopt(p.fds[k], SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one))
+
+
+cdef void lowat_expire(Worker* w) noexcept nogil:
+    """Clears the mark of directions that had no input for their hold time; drops stale
+    entries (pairs that ended, marks cleared elsewhere)."""
+    cdef size_t i
+    cdef size_t kept = 0
+    cdef uint64_t token
+    cdef Pair* p
+    cdef int k
+    cdef double due
+    cdef double next_due = 0.0
+    if not w.lowat_count or w.now < w.lowat_check_at:
+        return
+    for i in range(w.lowat_count):
+        token = w.lowat[i]
+        p = pair_at(w, <uint32_t>((token >> 1) & 0x7FFFFFFF))
+        k = <int>(token & 1)
+        if p.gen != <uint32_t>(token >> 32) or not (p.dirs[k].flags & DIR_LOWAT):
+            continue  # the pair ended, or the mark was cleared elsewhere
+        if (p.dirs[k].flags & DIR_EOF) or p.state != STATE_ACTIVE:
+            lowat_disarm(p, k)
+            continue
+        due = p.dirs[k].last_input + p.dirs[k].lowat_hold_s
+        if due <= w.now:
+            lowat_disarm(p, k)
+            continue
+        w.lowat[kept] = token
+        kept += 1
+        if kept == 1 or due < next_due:
+            next_due = due
+    w.lowat_count = kept
+    w.lowat_check_at = next_due
+
+
+# --------------------------------------------------------------------------------------------
 # The data path
 # --------------------------------------------------------------------------------------------
 
@@ -424,17 +547,20 @@ cdef int pump_direction(Worker* w, Pair* p, int k) noexcept nogil:
     cdef int err
     cdef ssize_t n
     cdef size_t want
+    cdef unsigned int flags
+    cdef uint64_t moved_in = 0
     cdef bint progress
     while True:
         progress = False
 
         # ---- input: source -> pipe, or -> copy buffer ----
-        # While the destination cannot take more, stop reading ahead once the pipe holds a
-        # pipe_size worth: reading every arriving segment would cost a call each, whereas the
-        # socket buffer keeps them (and throttles the sender) until one big splice later. The
-        # read readiness stays set, and the destination's EPOLLOUT edge brings us back here.
+        # While the destination cannot take more, stop reading ahead once the pipe holds
+        # read_ahead_bytes (default pipe_size): reading every arriving segment would cost a call
+        # each, whereas the socket buffer keeps them (and throttles the sender) until one big
+        # splice later. The read readiness stays set, and the destination's EPOLLOUT edge brings
+        # us back here.
         if ((p.ready & can_read) and not (d.flags & (DIR_EOF | DIR_WAIT_ROOM))
-                and ((p.ready & can_write) or d.in_pipe < w.pipe_size)):
+                and ((p.ready & can_write) or d.in_pipe < w.read_ahead_bytes)):
             if not (d.flags & DIR_COPY) and (
                     d.pipe_read >= 0 or (d.buffer_length == 0 and attach_pipe(w, d))):
                 # Ask for far more than pipe_size: the pipe's slot count is the real bound (a
@@ -445,6 +571,7 @@ cdef int pump_direction(Worker* w, Pair* p, int k) noexcept nogil:
                 relay_counter_add(&w.counters.splice_calls, 1)
                 if n > 0:
                     relay_u32_set(&d.in_pipe, d.in_pipe + <uint32_t>n)
+                    moved_in += <uint64_t>n
                     progress = True
                 elif n == 0:
                     d.flags |= DIR_EOF
@@ -480,6 +607,7 @@ cdef int pump_direction(Worker* w, Pair* p, int k) noexcept nogil:
                 if n > 0:
                     d.buffer_offset = 0
                     relay_u32_set(&d.buffer_length, <uint32_t>n)
+                    moved_in += <uint64_t>n
                     progress = True
                 elif n == 0:
                     d.flags |= DIR_EOF
@@ -518,10 +646,15 @@ cdef int pump_direction(Worker* w, Pair* p, int k) noexcept nogil:
                         return PUMP_DEAD
             elif d.in_pipe > 0:
                 if not (d.flags & DIR_COPY_OUT):
-                    # No SPLICE_F_MORE: we never know that more bytes are certainly coming, and
-                    # corking would add latency (the Serval translator removed it for that).
-                    n = splice(d.pipe_read, NULL, dst, NULL, d.in_pipe,
-                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                    # No SPLICE_F_MORE by default: we never know that more bytes are certainly
+                    # coming, and corking would add latency (the Serval translator removed it
+                    # for that). Within one call the kernel already sets MSG_MORE on every
+                    # fragment but the last. TUNE_SPLICE_MORE is the benchmark's experiment.
+                    flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+                    if ((w.tuning & TUNE_SPLICE_MORE) and (p.ready & can_read)
+                            and not (d.flags & DIR_EOF)):
+                        flags |= SPLICE_F_MORE
+                    n = splice(d.pipe_read, NULL, dst, NULL, d.in_pipe, flags)
                     relay_counter_add(&p.splice_calls, 1)
                     relay_counter_add(&w.counters.splice_calls, 1)
                     if n > 0:
@@ -581,11 +714,17 @@ cdef int pump_direction(Worker* w, Pair* p, int k) noexcept nogil:
             break
         result |= PUMP_PROGRESS
         rounds += 1
-        if rounds >= MAX_ROUNDS:
+        if rounds >= <int>w.max_rounds:
             result |= PUMP_BUDGET
             break
     if d.in_pipe == 0 and d.pipe_read >= 0:
         detach_pipe(w, d)  # idle directions hold no pipe: back to the pool
+    if moved_in:
+        if (w.lowat_bytes and not (p.ready & can_read)
+                and not (d.flags & (DIR_LOWAT | DIR_NO_LOWAT | DIR_EOF))
+                and p.state == STATE_ACTIVE and moved_in >= (w.lowat_bytes >> 2)):
+            consider_lowat(w, p, k, moved_in)
+        d.last_input = w.now
     return result
 
 
@@ -755,6 +894,7 @@ cdef int command_swap(Worker* w, Command* c, Pair* p) noexcept nogil:
         if old_fd != new_fd:
             close(old_fd)
     p.fds[side] = new_fd
+    p.dirs[side].flags &= ~(DIR_LOWAT | DIR_NO_LOWAT)  # a new socket starts with SO_RCVLOWAT 1
     p.flags &= ~(PAIR_NOT_SOCKET << side)
     p.ready &= ~((READY_READ | READY_WRITE) << (2 * side))
     return register_side(w, p, side)
@@ -818,6 +958,9 @@ cdef void run_commands(Worker* w, Command* batch, size_t count) noexcept nogil:
             if p.state == STATE_ACTIVE:
                 p.state = STATE_PARKED
                 timer_unlink(w, p)
+                # Before the reply: the caller may freeze (TCP_REPAIR) the sockets right after.
+                lowat_disarm(p, 0)
+                lowat_disarm(p, 1)
             reply_to(w, c, 0)
         elif c.kind == CMD_SWAP:
             reply_to(w, c, command_swap(w, c, p))
@@ -913,6 +1056,7 @@ cdef void worker_loop(Worker* w) noexcept nogil:
             stop = process_commands(w)
         run_ready(w)
         expire_timers(w)
+        lowat_expire(w)
     shut_down_worker(w)
 
 
@@ -920,7 +1064,9 @@ cdef void worker_loop(Worker* w) noexcept nogil:
 # Construction and teardown helpers (called with the GIL)
 # --------------------------------------------------------------------------------------------
 
-cdef Worker* new_worker(int index, Shared* shared, uint32_t pipe_size, uint32_t pool_max,
+cdef Worker* new_worker(int index, Shared* shared, uint32_t pipe_size, uint32_t read_ahead_bytes,
+                        uint32_t max_rounds, uint32_t tuning, uint32_t lowat_bytes,
+                        double lowat_hold_s, uint32_t pool_max,
                         uint32_t max_pipes, double idle_timeout_s,
                         double half_close_timeout_s) except NULL:
     cdef Worker* w = <Worker*>calloc(1, sizeof(Worker))
@@ -932,6 +1078,11 @@ cdef Worker* new_worker(int index, Shared* shared, uint32_t pipe_size, uint32_t 
     w.index = index
     w.shared = shared
     w.pipe_size = pipe_size
+    w.read_ahead_bytes = read_ahead_bytes
+    w.max_rounds = max_rounds
+    w.tuning = tuning
+    w.lowat_bytes = lowat_bytes
+    w.lowat_hold_s = lowat_hold_s
     w.pool_max = pool_max
     w.max_pipes = max_pipes
     w.idle_timeout_s = idle_timeout_s
@@ -997,6 +1148,7 @@ cdef void free_worker(Worker* w) noexcept:
     free(w.pool)
     free(w.ready)
     free(w.ready_spare)
+    free(w.lowat)
     free(w.commands)
     free(w.work_commands)
     pthread_mutex_destroy(&w.lock)
@@ -1159,7 +1311,10 @@ cdef class Relay:
 
     def __init__(self, workers=None, pipe_size=DEFAULT_PIPE_SIZE, idle_timeout_s=None,
                  half_close_timeout_s=None, pipe_pool_size=DEFAULT_PIPE_POOL_SIZE,
-                 max_pipes_per_worker=None):
+                 max_pipes_per_worker=None, *, read_ahead_bytes=None,
+                 max_rounds=DEFAULT_MAX_ROUNDS, splice_more=False,
+                 lowat_bytes=DEFAULT_LOWAT_BYTES,
+                 lowat_hold_s=DEFAULT_LOWAT_HOLD_S):
         cdef int i
         cdef int count
         cdef Shared* shared
@@ -1178,6 +1333,21 @@ cdef class Relay:
         # Beyond pipe-max-size an unprivileged F_SETPIPE_SZ fails; privileged ones would pin more
         # memory per pair than the design budget, so cap in both cases.
         self._pipe_size = <uint32_t>min(int(pipe_size), _pipe_max_size(), 1 << 30)
+        if read_ahead_bytes is None:
+            self._read_ahead_bytes = self._pipe_size
+        elif int(read_ahead_bytes) < 1:
+            raise ValueError(f"read_ahead_bytes must be >= 1 or None, not {read_ahead_bytes!r}")
+        else:
+            self._read_ahead_bytes = <uint32_t>min(int(read_ahead_bytes), self._pipe_size)
+        if not 1 <= int(max_rounds) <= 1 << 20:
+            raise ValueError(f"max_rounds must be in 1..{1 << 20}, not {max_rounds!r}")
+        self._max_rounds = <uint32_t>int(max_rounds)
+        tuning = TUNE_SPLICE_MORE if splice_more else 0
+        if not 0 <= int(lowat_bytes) <= 1 << 30:
+            raise ValueError(f"lowat_bytes must be in 0..{1 << 30}, not {lowat_bytes!r}")
+        self._lowat_bytes = <uint32_t>int(lowat_bytes)
+        if not 0 < float(lowat_hold_s) <= 1.0:
+            raise ValueError(f"lowat_hold_s must be in (0, 1] seconds, not {lowat_hold_s!r}")
         self._idle_timeout_s = _seconds_or_zero("idle_timeout_s", idle_timeout_s)
         self._half_close_timeout_s = _seconds_or_zero("half_close_timeout_s",
                                                       half_close_timeout_s)
@@ -1198,7 +1368,9 @@ cdef class Relay:
             raise MemoryError()
         for i in range(count):
             self._workers[i] = new_worker(
-                i, shared, self._pipe_size, <uint32_t>int(pipe_pool_size),
+                i, shared, self._pipe_size, self._read_ahead_bytes, self._max_rounds,
+                <uint32_t>tuning, self._lowat_bytes, float(lowat_hold_s),
+                <uint32_t>int(pipe_pool_size),
                 <uint32_t>(int(max_pipes_per_worker) if max_pipes_per_worker else 0),
                 self._idle_timeout_s, self._half_close_timeout_s)
             self._worker_count = i + 1
@@ -1246,6 +1418,18 @@ cdef class Relay:
     @property
     def pipe_size(self):
         return self._pipe_size
+
+    @property
+    def read_ahead_bytes(self):
+        return self._read_ahead_bytes
+
+    @property
+    def max_rounds(self):
+        return self._max_rounds
+
+    @property
+    def lowat_bytes(self):
+        return self._lowat_bytes
 
     @property
     def idle_timeout_s(self):
@@ -1476,6 +1660,7 @@ cdef class Relay:
                 pipe_resize_failures=relay_counter_get(&w.counters.pipe_resize_failures),
                 completions=relay_counter_get(&w.counters.completions),
                 wakeups=relay_counter_get(&w.counters.wakeups),
+                lowat_sets=relay_counter_get(&w.counters.lowat_sets),
             ))
         return result
 

@@ -100,3 +100,5 @@ class WorkerStats:
     completions: int
     #: epoll_wait() returns: a cheap proxy for loop iterations.
     wakeups: int
+    #: SO_RCVLOWAT raised on a streaming source (``Relay(lowat_bytes=...)``; 0 when off).
+    lowat_sets: int = 0

@@ -77,20 +77,28 @@ class StreamResult:
 
 
 class Sender(threading.Thread):
-    """Sends `data` on `sock`, then half-closes it (unless told not to)."""
+    """Sends `data` on `sock`, then half-closes it (unless told not to).
 
-    def __init__(self, sock: socket.socket, data: bytes, *, shut_down: bool = True) -> None:
+    `pace_s` > 0 sleeps that long after every `chunk_bytes` write: a stream paced like one
+    crossing a network link, which the relay drains at every wake-up."""
+
+    def __init__(self, sock: socket.socket, data: bytes, *, shut_down: bool = True,
+                 chunk_bytes: int = CHUNK_BYTES, pace_s: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.sock = sock
         self.data = data
         self.shut_down = shut_down
+        self.chunk_bytes = chunk_bytes
+        self.pace_s = pace_s
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             view = memoryview(self.data)
-            for offset in range(0, len(view), CHUNK_BYTES):
-                self.sock.sendall(view[offset : offset + CHUNK_BYTES])
+            for offset in range(0, len(view), self.chunk_bytes):
+                self.sock.sendall(view[offset : offset + self.chunk_bytes])
+                if self.pace_s:
+                    time.sleep(self.pace_s)
             if self.shut_down:
                 self.sock.shutdown(socket.SHUT_WR)
         except BaseException as error:  # reported by the test
