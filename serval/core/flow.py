@@ -123,6 +123,7 @@ __all__ = [
     "MIGRATION_TRANSITIONS",
     "MIN_RTO_S",
     "REQUEST_LIFETIME_S",
+    "RESTORE_VERNO_SKIP",
     "SYN_MAX_RETRANSMITS",
     "TIME_WAIT_S",
     "Closed",
@@ -133,6 +134,7 @@ __all__ = [
     "Event",
     "Flow",
     "FlowCounters",
+    "FlowExport",
     "FlowInput",
     "FlowState",
     "HandshakeTimeout",
@@ -144,7 +146,9 @@ __all__ = [
     "MigrationState",
     "PeerClosed",
     "Reset",
+    "export_flow",
     "reset_for",
+    "restore_flow",
 ]
 
 # -- constants ---------------------------------------------------------------------------------
@@ -558,6 +562,9 @@ class Flow:
         self._held: _PeerMigration | None = None
         self._rsyn_answer: tuple[int, SalPacket, Address] | None = None
         self._last_completed_rsyn: int | None = None
+        # Our last completed migration until the runtime has taken its final ACK: what
+        # `abandon_migration` needs to take it back (the final ACK, the address we left).
+        self._uncommitted: tuple[SalPacket, Address | None] | None = None
 
         self._owner: _RequestOwner | None = None
         self._syn_trail: SourceExt | None = None
@@ -680,6 +687,7 @@ class Flow:
 
     def _take_datagrams(self) -> list[Datagram]:
         out, self._outbox = self._outbox, []
+        self._uncommitted = None  # its final ACK (if any) is on its way now
         self.counters.packets_sent += len(out)
         return out
 
@@ -763,6 +771,45 @@ class Flow:
         self._rsyn_answer = (migration.verno, answer, migration.new_peer_address)
         self._send(answer, migration.new_peer_address)
 
+    def abandon_migration(self, now: float) -> None:
+        """Give up our own migration: the runtime could not carry it out (a dump or rebuild
+        failed, ...). Allowed after `migrate` until the RSYN-ACK, and after the RSYN-ACK
+        (MigrationCompleted) as long as its final ACK has not been taken from
+        `datagrams_to_send` -- i.e. while nothing has been sent on the new path, so the
+        responder cannot have switched. The final ACK is withdrawn, `local_address` goes back
+        to the old address, and once our RSYN has left the peer gets an authenticated abort,
+        so it rolls back at once instead of after MIGRATION_RESPONDER_TIMEOUT_S (if the abort
+        is lost, its next RSYN-ACK retransmission draws another). No event: the runtime
+        decided this itself. A peer RSYN held behind ours is released (MigrationRequested).
+        """
+        own = self._own
+        if own is not None:
+            verno = own.entry.verno
+            if own.entry in self._queue:
+                self._queue.remove(own.entry)
+            self._own = None
+            self.local_address = own.old_local_address
+            self._migration_transition(MigrationInput.OWN_FAILED)
+            if verno is not None:
+                self._send_abort(verno)
+            self._release_held(now)
+            self._pump(now)
+            return
+        uncommitted = self._uncommitted
+        last = self._last_completed_rsyn
+        if uncommitted is None or last is None or not any(
+            packet is uncommitted[0] for packet, _ in self._outbox
+        ):
+            raise FlowStateError(
+                f"flow {self.local_flow}: no migration of ours to abandon (migration state "
+                f"{self._migration_state.value}; a final ACK already sent cannot be taken back)"
+            )
+        self._outbox = [item for item in self._outbox if item[0] is not uncommitted[0]]
+        self._uncommitted = None
+        self._last_completed_rsyn = None  # a retransmitted RSYN-ACK now draws an abort
+        self.local_address = uncommitted[1]
+        self._send_abort(last)
+
     def refuse_migration(self, now: float) -> None:
         """Answer the peer's RSYN with an RSYN-NACK; the peer rolls back."""
         migration = self._peer_migration
@@ -802,7 +849,7 @@ class Flow:
             return
         own = self._own
         if own is not None and now >= own.deadline:
-            self._fail_own_migration(MigrationFailure.TIMEOUT, now)
+            self._fail_own_migration(MigrationFailure.TIMEOUT, now, notify_peer=True)
         migration = self._peer_migration
         if migration is not None:
             if now >= migration.deadline:
@@ -1071,7 +1118,10 @@ class Flow:
             self._last_completed_rsyn = own.entry.verno
             self._own = None
             self._migration_transition(MigrationInput.OWN_DONE)
-            self._send_final_ack()
+            final_ack = self._send_final_ack()
+            self._uncommitted = (
+                None if final_ack is None else (final_ack, own.old_local_address)
+            )
             self._events.append(
                 MigrationCompleted(True, self.local_address, self.peer_address, packet.migrate)
             )
@@ -1084,8 +1134,7 @@ class Flow:
             return
         # An answer to an RSYN we gave up on: tell the responder to roll back now.
         self.counters.stale += 1
-        abort = self._build(_ACK | _NACK, _seq_add(control.ackno, -1))
-        self._send(self._sign(abort), source)
+        self._send_abort(_seq_add(control.ackno, -1), source)
 
     def _handle_refusal(self, control: ControlExt, now: float) -> None:
         own = self._own
@@ -1173,9 +1222,16 @@ class Flow:
             self._queue.remove(own.entry)
             self._sample_rtt(own.entry, now)
 
-    def _fail_own_migration(self, reason: MigrationFailure, now: float) -> None:
+    def _fail_own_migration(
+        self, reason: MigrationFailure, now: float, *, notify_peer: bool = False
+    ) -> None:
+        """`notify_peer`: we give up unanswered (timeout). The peer may have got the RSYN
+        and be answering it with RSYN-ACKs that do not reach us: the abort makes it roll
+        back now rather than after MIGRATION_RESPONDER_TIMEOUT_S."""
         own = self._own
         assert own is not None
+        if notify_peer and own.entry.verno is not None:
+            self._send_abort(own.entry.verno)
         if own.entry in self._queue:
             self._queue.remove(own.entry)
         self._own = None
@@ -1191,9 +1247,18 @@ class Flow:
         self._rsyn_answer = (rsyn_verno, refusal, destination)
         self._send(refusal, destination)
 
-    def _send_final_ack(self) -> None:
-        if self.peer_address is not None:
-            self._send(self._sign(self._build(_ACK, self._snd_nxt)), self.peer_address)
+    def _send_final_ack(self) -> SalPacket | None:
+        if self.peer_address is None:
+            return None
+        final_ack = self._sign(self._build(_ACK, self._snd_nxt))
+        self._send(final_ack, self.peer_address)
+        return final_ack
+
+    def _send_abort(self, rsyn_verno: int, destination: Address | None = None) -> None:
+        """The migration abort: the RSYN numbered `rsyn_verno` is given up."""
+        target = destination if destination is not None else self.peer_address
+        if target is not None:
+            self._send(self._sign(self._build(_ACK | _NACK, rsyn_verno)), target)
 
     # -- close helpers -------------------------------------------------------------------------
 
@@ -1243,7 +1308,7 @@ class Flow:
 
     def _give_up(self, head: _Control, now: float) -> None:
         if head.kind is _Kind.RSYN:
-            self._fail_own_migration(MigrationFailure.TIMEOUT, now)
+            self._fail_own_migration(MigrationFailure.TIMEOUT, now, notify_peer=True)
             return
         if head.kind is _Kind.SYN_ACK:
             # The client may believe it is connected (all our SYN-ACKs or its ACKs lost):
@@ -1451,3 +1516,100 @@ class Flow:
             head.transmissions += 1  # Karn: the ACK may now answer either copy
             self.counters.duplicates += 1
             self._transmit(head)
+
+
+# -- hand-back of an established flow (servald restarts) ----------------------------------------
+
+# A restored flow numbers its next control packets this far past the exported snd_nxt: the
+# export may be older than the last packets the flow sent (a migration whose updated export
+# never reached the socket's owner). The peer accepts consuming packets up to CONTROL_WINDOW
+# ahead of its rcv_nxt (gaps are legal: abandoned RSYNs), but drops ones it has seen as stale.
+RESTORE_VERNO_SKIP = 256
+
+
+@dataclass(frozen=True)
+class FlowExport:
+    """What an established flow needs to go on in another process (servald restarted).
+
+    Only the settled state of a CONNECTED flow with no migration in flight: identities,
+    nonces, addresses, the control sequence numbers and the RTT estimate. The per-flow key is
+    not part of it: it is derived again from the nonces, flowIDs and the domain key.
+    """
+
+    service: ServiceID
+    protocol: int
+    is_client: bool
+    local_flow: int
+    peer_flow: int
+    local_nonce: bytes
+    peer_nonce: bytes
+    local_address: Address | None
+    peer_address: Address | None
+    iss: int
+    snd_nxt: int
+    rcv_nxt: int
+    last_rcv_verno: int | None
+    srtt: float | None
+    rttvar: float
+
+
+def export_flow(flow: Flow) -> FlowExport:
+    """The hand-back state of a CONNECTED flow (FlowStateError otherwise)."""
+    if flow.state is not FlowState.CONNECTED or flow.peer_nonce is None:
+        raise FlowStateError(
+            f"flow {flow.local_flow}: only a connected flow can be exported "
+            f"(state {flow.state.value})"
+        )
+    return FlowExport(
+        service=flow.service,
+        protocol=int(flow.protocol),
+        is_client=flow.is_client,
+        local_flow=int(flow.local_flow),
+        peer_flow=flow.peer_flow,
+        local_nonce=flow.local_nonce,
+        peer_nonce=flow.peer_nonce,
+        local_address=flow.local_address,
+        peer_address=flow.peer_address,
+        iss=flow._iss,
+        snd_nxt=flow._snd_nxt,
+        rcv_nxt=flow._rcv_nxt,
+        last_rcv_verno=flow._last_rcv_verno,
+        srtt=flow._srtt,
+        rttvar=flow._rttvar,
+    )
+
+
+def restore_flow(export: FlowExport, *, rng: random.Random, now: float,
+                 domain_key: bytes = b"") -> Flow:
+    """A CONNECTED flow continuing `export`: same flowIDs, nonces and key, migration idle.
+
+    Its next control packet is numbered RESTORE_VERNO_SKIP past the exported snd_nxt (see
+    there); what the peer sends is accepted as usual (a stale rcv_nxt only widens what counts
+    as new, within CONTROL_WINDOW).
+    """
+    flow = Flow(
+        service=export.service,
+        rng=rng,
+        now=now,
+        protocol=Protocol(export.protocol),
+        local_address=export.local_address,
+        peer_address=export.peer_address,
+        domain_key=domain_key,
+        is_client=export.is_client,
+    )
+    flow.local_flow = FlowID(export.local_flow)
+    flow.local_nonce = export.local_nonce
+    flow.peer_flow = int(FlowID(export.peer_flow))
+    flow.peer_nonce = export.peer_nonce
+    flow._state = FlowState.CONNECTED
+    flow._iss = export.iss
+    flow._snd_nxt = flow._snd_una = _seq_add(export.snd_nxt, RESTORE_VERNO_SKIP)
+    flow._rcv_nxt = export.rcv_nxt
+    flow._last_rcv_verno = export.last_rcv_verno
+    if export.srtt is not None:
+        flow._srtt = export.srtt
+        flow._rttvar = export.rttvar
+        rto = export.srtt + max(RTO_GRANULARITY_S, 4 * export.rttvar)
+        flow._rto = min(max(rto, MIN_RTO_S), MAX_RTO_S)
+    flow._derive_key()
+    return flow

@@ -33,6 +33,14 @@ while they are still being written (its application parked, so they cannot drain
 request interrupts the write and the remainder rides along with the next migration's pending
 bytes, after everything the socket itself still holds.
 
+Only the send queue's contents (megabytes under load) are needed after the commit and nothing
+before it: each end dumps everything else, sends its SAL message, and copies the send queue
+while that message is in flight (the answer is handled on this same loop, so it cannot
+overtake the copy; the copy usually ends before the answer arrives). A thread copying it
+instead was measured too: no better through servald, worse with two engines in one process
+(GIL), and a race with a rollback to reason about. Every step is time-stamped into the record's
+`timeline` (benchmarks/migration_bench.py lines both ends up to show where a pause goes).
+
 The old socket is not released at the swap: it lingers OLD_SOCKET_LINGER_S, deaf (its drop
 filter) and mute (SO_MARK routed to a blackhole rule, see `prepare`), so segments that the
 peer's old socket sent before its freeze find a socket and vanish rather than draw an RST.
@@ -233,6 +241,11 @@ class MigrationRecord:
             "bytes_resent": self.bytes_resent,
             "recv_queue_bytes": self.recv_queue_bytes,
             "send_queue_bytes": self.send_queue_bytes,
+            # Where the pause went: monotonic start (s; CLOCK_MONOTONIC is shared by every
+            # process and namespace, so both ends' timelines line up) and each step's ms
+            # after it.
+            "started_at": round(self.started_at, 6),
+            "timeline": dict(self.timeline),
         }
 
 
@@ -247,12 +260,14 @@ class _Move:
     address: Address
     future: asyncio.Future[MigrationRecord]
     yields_left: int = YIELD_RETRIES
+    requested_at: float = 0.0  # loop time of the request
 
 
 @dataclass(eq=False)
 class _PeerRequest:
     info: MigrateExt
     new_peer_address: Address
+    received_at: float = 0.0  # loop time the RSYN was handled
 
 
 @dataclass(eq=False)
@@ -279,11 +294,14 @@ class _Attempt:
     new_local: tuple[str, int] | None = None
     new_remote: tuple[str, int] | None = None
     rebuilt: repair.RebuiltSocket | None = None  # responder: N_R, waiting in repair mode
-    pending: bytes = b""
+    pending: bytes | memoryview = b""
     unfrozen_at: float | None = None
     poll: asyncio.TimerHandle | None = None
     reader_fd: int | None = None  # N_R watched for EPOLLIN (its restored queue was empty)
     yielded: bool = False
+    # responder: the old send queue could not be copied after the RSYN-ACK left (never seen:
+    # the socket is frozen); the bytes the initiator lacks are gone, so the commit resets.
+    send_queue_lost: bool = False
 
 
 @dataclass(eq=False)
@@ -458,7 +476,8 @@ class MigrationEngine:
     # -- old sockets ---------------------------------------------------------------------------
 
     def _commit(self, rebuilt: repair.RebuiltSocket, fd: int,
-                old_tuple: tuple[tuple[str, int], tuple[str, int]] | None) -> bytes:
+                old_tuple: tuple[tuple[str, int], tuple[str, int]] | None
+                ) -> bytes | memoryview:
         """repair.commit onto `fd`, keeping the old socket alive (deaf and mute) a while."""
         old = os.dup(fd) if self._mute_ready and old_tuple is not None else None
         try:
@@ -519,10 +538,13 @@ class MigrationEngine:
         for packet, destination in flow.datagrams_to_send(now):
             if destination is None:
                 continue  # a SYN: never produced by an established flow
-            if now < managed.suppress_final_ack_until and _is_final_ack(packet):
+            final_ack = _is_final_ack(packet)
+            if final_ack and now < managed.suppress_final_ack_until:
                 self._count("final_ack_suppressed")
                 continue
             self._send(packet, destination, flow.local_address)
+            if final_ack and managed.attempt is not None:
+                managed.attempt.frozen.marks.append(("final_ack_sent", self._loop.time()))
         self._arm_timer(managed)
 
     def _arm_timer(self, managed: ManagedFlow) -> None:
@@ -575,7 +597,7 @@ class MigrationEngine:
             managed.on_event(managed, event)
 
     def _on_requested(self, managed: ManagedFlow, event: MigrationRequested) -> None:
-        request = _PeerRequest(event.peer_migrate, event.new_peer_address)
+        request = _PeerRequest(event.peer_migrate, event.new_peer_address, self._loop.time())
         # The Flow answers one RSYN at a time: a queued older request is void now.
         _drop_peer_requests(managed)
         attempt = managed.attempt
@@ -606,7 +628,7 @@ class MigrationEngine:
         future: asyncio.Future[MigrationRecord] = self._loop.create_future()
         if len(managed.jobs) >= MAX_QUEUED_JOBS:
             return self._skipped(managed, Role.INITIATOR, "too many migrations queued")
-        managed.jobs.append(_Move(new_address, future))
+        managed.jobs.append(_Move(new_address, future, requested_at=self._loop.time()))
         self._ensure_worker(managed)
         return await asyncio.shield(future)
 
@@ -681,11 +703,13 @@ class MigrationEngine:
             await self._respond(managed, request, frozen)
             self._requeue(managed, move)
             return None
+        frozen.marks.insert(0, ("requested", move.requested_at))
         attempt = _Attempt(Role.INITIATOR, frozen, self._loop.create_future(),
                            managed.local, managed.remote)
         managed.attempt = attempt
         try:
-            state = self._freeze_and_dump(managed, frozen)
+            # The send queue's contents are read once the RSYN is out (below).
+            state = self._freeze_and_dump(managed, frozen, send_queue=False)
             if state is None:
                 return await self._finish(managed, attempt, started, Outcome.ROLLED_BACK,
                                           "dump failed")
@@ -702,6 +726,13 @@ class MigrationEngine:
             self._count("initiated")
             self._pump(managed)
             frozen.marks.append(("rsyn_sent", self._loop.time()))
+            # While the RSYN is in flight (nothing of ours can run before this returns: the
+            # RSYN-ACK is handled on this loop), the megabytes only needed after the commit.
+            if not self._read_send_queue(managed, frozen):
+                with contextlib.suppress(FlowStateError):
+                    flow.abandon_migration(self._loop.time())  # the peer rolls back now
+                _settle(attempt, Outcome.ROLLED_BACK, "send queue unreadable")
+                self._pump(managed)
             outcome, reason = await self._await_outcome(attempt)
             if attempt.yielded and outcome is not Outcome.COMPLETED:
                 return await self._after_yield(managed, move, attempt)
@@ -761,17 +792,20 @@ class MigrationEngine:
             self._make_room(attempt.new_local, new_remote)
             rebuilt = repair.rebuild(state, attempt.new_local, new_remote, peer.rcv_nxt,
                                      peer.window_edge)
-            attempt.pending = self._commit(rebuilt, attempt.frozen.fd,
-                                           (state.local, state.remote)) + managed.leftover
+            attempt.frozen.marks.append(("rebuilt", self._loop.time()))
+            attempt.pending = _joined(self._commit(rebuilt, attempt.frozen.fd,
+                                                   (state.local, state.remote)),
+                                      managed.leftover)
             managed.leftover = b""  # after everything the old socket held
         except (RepairError, OSError) as exc:
-            # Too late to refuse: the responder has built N_R. Never let a final ACK out for
-            # this migration (it would make R switch to a 4-tuple nobody serves); R rolls
-            # back on its timeout, or at once when a retransmitted RSYN-ACK draws an abort.
+            # Too late to refuse: the responder has built N_R. The final ACK must never leave
+            # (it would make R switch to a 4-tuple nobody serves): abandoning withdraws it
+            # (`_pump` sends only after the events) and sends R an abort, so R rolls back now.
             self._count("rebuild_failed")
-            managed.suppress_final_ack_until = (self._loop.time() + MIGRATION_GUARD_S)
-            managed.flow.local_address = _address_of(attempt.old_local) or \
-                managed.flow.local_address
+            try:
+                managed.flow.abandon_migration(self._loop.time())
+            except FlowStateError:  # never: the final ACK is still in the Flow's outbox
+                managed.suppress_final_ack_until = self._loop.time() + MIGRATION_GUARD_S
             _settle(attempt, Outcome.ROLLED_BACK, f"rebuild failed: {exc}")
             return
         attempt.unfrozen_at = self._loop.time()
@@ -793,6 +827,7 @@ class MigrationEngine:
             if frozen is None:
                 self._refuse(managed)
                 return self._skipped(managed, Role.RESPONDER, "application did not park")
+        frozen.marks.insert(0, ("rsyn_received", request.received_at))
         attempt = self._answer_request(managed, frozen, request)
         try:
             outcome, reason = await self._await_outcome(attempt)
@@ -813,8 +848,9 @@ class MigrationEngine:
         if flow.migration_state is not MigrationState.RSYN_RECV:
             _settle(attempt, Outcome.ROLLED_BACK, "request no longer pending")
             return attempt
+        # The send queue's contents are read once the RSYN-ACK is out (below).
         state = frozen.state if frozen.state is not None else \
-            self._freeze_and_dump(managed, frozen)
+            self._freeze_and_dump(managed, frozen, send_queue=False)
         if state is None:
             self._refuse(managed)
             _settle(attempt, Outcome.ROLLED_BACK, "dump failed")
@@ -826,6 +862,7 @@ class MigrationEngine:
             self._make_room(state.local, new_remote)
             attempt.rebuilt = repair.rebuild(state, state.local, new_remote, info.rcv_nxt,
                                              info.window_edge)
+            frozen.marks.append(("rebuilt", self._loop.time()))
         except (RepairError, OSError) as exc:
             self._count("rebuild_failed")
             self._refuse(managed)
@@ -851,6 +888,14 @@ class MigrationEngine:
             attempt.reader_fd = attempt.rebuilt.fileno()
             self._loop.add_reader(attempt.reader_fd, self._poll_new_socket, managed, attempt)
         self._pump(managed)
+        # While the RSYN-ACK is in flight: the bytes N_R writes after its commit. Nothing can
+        # commit before this returns (the final ACK is handled on this loop), and the copy
+        # (1-2 ms for a few MB on the test VM) is usually done before the final ACK arrives.
+        if self._read_send_queue(managed, frozen):
+            assert frozen.state is not None
+            attempt.rebuilt.attach_send_queue(frozen.state)
+        else:
+            attempt.send_queue_lost = True
         return attempt
 
     def _poll_new_socket(self, managed: ManagedFlow, attempt: _Attempt) -> None:
@@ -880,6 +925,7 @@ class MigrationEngine:
 
     def _responder_commit(self, managed: ManagedFlow, attempt: _Attempt) -> None:
         """Final ACK (or data on N_R): swap N_R in (step 4)."""
+        attempt.frozen.marks.append(("final_ack", self._loop.time()))
         self._stop_reader(attempt)
         rebuilt, attempt.rebuilt = attempt.rebuilt, None
         if attempt.poll is not None:
@@ -890,9 +936,10 @@ class MigrationEngine:
             return
         state = attempt.frozen.state
         try:
-            attempt.pending = self._commit(rebuilt, attempt.frozen.fd,
-                                           (state.local, state.remote) if state else None) \
-                + managed.leftover
+            attempt.pending = _joined(
+                self._commit(rebuilt, attempt.frozen.fd,
+                             (state.local, state.remote) if state else None),
+                managed.leftover)
             managed.leftover = b""
         except (RepairError, OSError) as exc:
             # The initiator has switched; nothing consistent is left to return to.
@@ -903,6 +950,10 @@ class MigrationEngine:
         attempt.unfrozen_at = self._loop.time()
         attempt.frozen.marks.append(("committed", attempt.unfrozen_at))
         managed.local, managed.remote = attempt.new_local, attempt.new_remote
+        if attempt.send_queue_lost:
+            _abort_socket(attempt.frozen.fd)  # an error, not a silently shortened stream
+            _settle(attempt, Outcome.ABORTED, "send queue unreadable")
+            return
         _settle(attempt, Outcome.COMPLETED, None)
 
     def _refuse(self, managed: ManagedFlow) -> None:
@@ -936,8 +987,21 @@ class MigrationEngine:
         frozen.marks.append(("parked", self._loop.time()))
         return frozen
 
-    def _freeze_and_dump(self, managed: ManagedFlow,
-                         frozen: _Frozen) -> repair.SocketState | None:
+    def _read_send_queue(self, managed: ManagedFlow, frozen: _Frozen) -> bool:
+        """Complete a dump made with send_queue=False (False: it failed, counted)."""
+        if frozen.state is None or frozen.state.send_queue_size is None:
+            return True
+        try:
+            frozen.state = repair.read_send_queue(frozen.fd, frozen.state)
+        except RepairError as exc:
+            self._count("dump_failed")
+            self._log.warning("migration_dump_failed", flow=managed.flow_id, error=str(exc))
+            return False
+        frozen.marks.append(("send_queue_read", self._loop.time()))
+        return True
+
+    def _freeze_and_dump(self, managed: ManagedFlow, frozen: _Frozen, *,
+                         send_queue: bool = True) -> repair.SocketState | None:
         try:
             frozen.window = repair.freeze(frozen.fd)
         except RepairError as exc:
@@ -947,7 +1011,7 @@ class MigrationEngine:
         frozen.frozen_at = self._loop.time()
         frozen.marks.append(("frozen", frozen.frozen_at))
         try:
-            frozen.state = repair.dump(frozen.fd, frozen.window)
+            frozen.state = repair.dump(frozen.fd, frozen.window, send_queue=send_queue)
             frozen.marks.append(("dumped", self._loop.time()))
         except RepairError as exc:
             self._count("dump_failed")
@@ -995,15 +1059,17 @@ class MigrationEngine:
                       outcome: Outcome, reason: str | None) -> MigrationRecord:
         """Hand the socket back (swap, pending bytes, resume) and record the migration."""
         frozen = attempt.frozen
-        if outcome is Outcome.COMPLETED:
-            to_write = attempt.pending
-        else:  # the old socket goes on: what an earlier migration left unwritten goes first
+        frozen.marks.append(("finishing", self._loop.time()))
+        to_write: bytes | memoryview = b""
+        if outcome is not Outcome.COMPLETED:
+            # the old socket goes on: what an earlier migration left unwritten goes first
             to_write, managed.leftover = managed.leftover, b""
         remainder = b""
         try:
             if outcome is Outcome.COMPLETED:
                 await managed.app.swap(frozen.fd)
                 frozen.marks.append(("swapped", self._loop.time()))
+                to_write = attempt.pending
             remainder = await self._write_pending(frozen.fd, to_write, managed)
             if not remainder:
                 frozen.marks.append(("pending_written", self._loop.time()))
@@ -1016,6 +1082,7 @@ class MigrationEngine:
             managed.needs_resume = False
             try:
                 await managed.app.resume()
+                frozen.marks.append(("resumed", self._loop.time()))
             except Exception as exc:
                 self._log.warning("migration_resume_failed", flow=managed.flow_id,
                                   error=repr(exc))
@@ -1030,7 +1097,7 @@ class MigrationEngine:
             frozen_ms=(unfrozen_at - frozen.frozen_at) * 1000 if frozen.frozen_at else 0.0,
             bytes_resent=len(attempt.pending),
             recv_queue_bytes=len(state.recv_queue) if state is not None else 0,
-            send_queue_bytes=len(state.send_queue) if state is not None else 0,
+            send_queue_bytes=state.send_queue_bytes if state is not None else 0,
             started_at=started,
             timeline=tuple((step, round((at - started) * 1000, 3)) for step, at in frozen.marks))
         managed.records.append(record)
@@ -1056,7 +1123,8 @@ class MigrationEngine:
             managed.needs_resume = False
             await managed.app.resume()
 
-    async def _write_pending(self, fd: int, data: bytes, managed: ManagedFlow) -> bytes:
+    async def _write_pending(self, fd: int, data: bytes | memoryview,
+                             managed: ManagedFlow) -> bytes:
         """Write the bytes the peer lacks without blocking the loop (reads already resumed).
 
         Returns what is left unwritten when a request of the peer interrupts (see
@@ -1139,6 +1207,12 @@ def tune_process_memory(warm_bytes: int = HEAP_WARM_BYTES) -> bool:
     return ok
 
 
+def _joined(pending: bytes | memoryview, leftover: bytes) -> bytes | memoryview:
+    """The pending bytes of a commit, then what an interrupted hand-back left (a copy only
+    in that rare case: pending bytes are megabytes)."""
+    return bytes(pending) + leftover if leftover else pending
+
+
 def _settle(attempt: _Attempt, outcome: Outcome, reason: str | None) -> None:
     if not attempt.outcome.done():
         attempt.outcome.set_result((outcome, reason))
@@ -1198,12 +1272,6 @@ def _drop_peer_requests(managed: ManagedFlow) -> None:
 def _is_final_ack(packet: SalPacket) -> bool:
     control = packet.control
     return control is not None and control.flags == ControlFlags.ACK and packet.auth is not None
-
-
-def _address_of(endpoint: tuple[str, int] | None) -> Address | None:
-    if endpoint is None:
-        return None
-    return ipaddress.ip_address(endpoint[0])
 
 
 _SEND_CHUNK_BYTES = 1 << 20

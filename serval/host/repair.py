@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -257,13 +258,21 @@ class SocketState:
     write_seq: int
     rcv_nxt: int
     unsent: int  # bytes of the send queue never transmitted
-    send_queue: bytes  # [snd_una, write_seq)
+    send_queue: bytes | memoryview  # [snd_una, write_seq) (empty until read: send_queue_size)
     recv_queue: bytes  # [rcv_nxt - len, rcv_nxt): received, not yet read by the application
     socket_options: tuple[tuple[int, int, bytes], ...] = ()
+    # Set by `dump(..., send_queue=False)`: the send queue's length, its contents not read yet
+    # (`read_send_queue` reads them; everything else about the socket is known already).
+    send_queue_size: int | None = None
+
+    @property
+    def send_queue_bytes(self) -> int:
+        """Length of the send queue, whether or not its contents were read."""
+        return len(self.send_queue) if self.send_queue_size is None else self.send_queue_size
 
     @property
     def snd_una(self) -> int:
-        return (self.write_seq - len(self.send_queue)) & SEQ_MASK
+        return (self.write_seq - self.send_queue_bytes) & SEQ_MASK
 
     @property
     def window_edge(self) -> int:
@@ -274,8 +283,15 @@ class SocketState:
 class RebuiltSocket(socket.socket):
     """A socket made by `rebuild()`: still in repair mode, with the bytes still to send."""
 
-    pending: bytes
+    pending: bytes | memoryview
     state: SocketState
+    skip: int  # bytes at the head of the old send queue that the peer already has
+
+    def attach_send_queue(self, state: SocketState) -> None:
+        """The old socket's send queue was read after the rebuild (`read_send_queue`):
+        the pending bytes are its part the peer lacks (no copy)."""
+        self.state = state
+        self.pending = memoryview(state.send_queue)[self.skip:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,16 +366,32 @@ def _ioctl_int(fd: int, request: int) -> int:
 
 def _peek(fd: int, size: int) -> bytes:
     """recv(MSG_PEEK | MSG_DONTWAIT) into a fresh buffer; b'' when nothing is queued."""
+    return bytes(_peek_view(fd, size))
+
+
+def _peek_view(fd: int, size: int) -> memoryview:
+    """Like `_peek`, but the kernel copies straight into the buffer that is returned (a view
+    of the bytes received): queue dumps are megabytes, and each extra copy of them costs
+    ~0.1-0.3 ms of a migration's pause on the test VM. A socket object's recv() does that
+    into an uninitialised buffer, so it is used when it can be (without a global default
+    timeout: then it neither polls first nor touches the shared file's O_NONBLOCK)."""
     if size <= 0:
-        return b""
-    buffer = ctypes.create_string_buffer(size)
-    count = _libc.recv(fd, buffer, size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return memoryview(b"")
+    if socket.getdefaulttimeout() is None:
+        with socket.socket(fileno=os.dup(fd)) as view:
+            try:
+                return memoryview(view.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except (BlockingIOError, InterruptedError):
+                return memoryview(b"")
+    buffer = bytearray(size)
+    count = _libc.recv(fd, (ctypes.c_char * size).from_buffer(buffer), size,
+                       socket.MSG_PEEK | socket.MSG_DONTWAIT)
     if count < 0:
         err = ctypes.get_errno()
         if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-            return b""
+            return memoryview(b"")
         raise OSError(err, os.strerror(err))
-    return buffer.raw[:count]
+    return memoryview(buffer)[:count]
 
 
 def _send_nowait(fd: int, data: memoryview) -> int:
@@ -752,12 +784,18 @@ def _socket_options(fd: int, family: int) -> tuple[tuple[int, int, bytes], ...]:
     return tuple(carried)
 
 
-def dump(sock: SocketLike, frozen_window: RepairWindow | None = None) -> SocketState:
+def dump(sock: SocketLike, frozen_window: RepairWindow | None = None, *,
+         send_queue: bool = True) -> SocketState:
     """Read a frozen socket's state (notes 3.1 steps 4-9), re-dumping if anything moved.
 
     `frozen_window` is what `freeze()` returned; by default it is looked up by the socket's
     cookie. Raises RepairError when the socket is not frozen, not ESTABLISHED, or its
     queues would not hold still (never seen with both locks in place).
+
+    `send_queue=False` leaves the send queue's contents (megabytes under load) for
+    `read_send_queue`: nothing in the RSYN / RSYN-ACK exchange or in `rebuild` needs them,
+    only the bytes written after `commit` do, so a migration reads them while its SAL
+    message is in flight. The frozen socket keeps them unchanged until then.
     """
     fd = _fd(sock)
     window_before = frozen_window or _FROZEN_WINDOWS.get(socket_cookie(fd))
@@ -776,6 +814,7 @@ def dump(sock: SocketLike, frozen_window: RepairWindow | None = None) -> SocketS
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     last_problem = ""
+    queued: bytes | memoryview = b""
     for _attempt in range(DUMP_ATTEMPTS):
         with _step("dump"):
             before = _queue_counters(fd)
@@ -792,14 +831,17 @@ def dump(sock: SocketLike, frozen_window: RepairWindow | None = None) -> SocketS
             recv_queue = _peek(fd, inq)
             _select_queue(fd, TCP_SEND_QUEUE)
             write_seq = _get_u32(fd, SOL_TCP, TCP_QUEUE_SEQ)
-            send_queue = _peek(fd, outq + SEND_QUEUE_PEEK_SLACK_BYTES) if outq else b""
+            queued = b""
+            if send_queue and outq:
+                queued = _peek_view(fd, outq + SEND_QUEUE_PEEK_SLACK_BYTES)
             # Never leave the send queue selected (P8: tcp_write_xmit would mark new data
             # as sent without sending it).
             _select_queue(fd, TCP_NO_QUEUE)
             after = _queue_counters(fd)
-        if len(recv_queue) != inq or len(send_queue) != outq:
+        peeked = len(queued) if send_queue else outq
+        if len(recv_queue) != inq or peeked != outq:
             last_problem = (f"short queue peek: recv {len(recv_queue)}/{inq}, "
-                            f"send {len(send_queue)}/{outq}")
+                            f"send {peeked}/{outq}")
             continue
         if after != before:
             last_problem = f"queues moved during the dump: {before} -> {after}"
@@ -809,10 +851,35 @@ def dump(sock: SocketLike, frozen_window: RepairWindow | None = None) -> SocketS
             remote=(str(remote[0]), int(remote[1])), mss_clamp=mss_clamp,
             options=info.options, snd_wscale=info.snd_wscale, rcv_wscale=info.rcv_wscale,
             timestamp=timestamp, window=window_before, write_seq=write_seq, rcv_nxt=rcv_nxt,
-            unsent=unsent, send_queue=send_queue, recv_queue=recv_queue,
-            socket_options=_socket_options(fd, family))
+            unsent=unsent, send_queue=queued, recv_queue=recv_queue,
+            socket_options=_socket_options(fd, family),
+            send_queue_size=None if send_queue else outq)
     raise RepairError("dump", errno.EAGAIN,
                       f"dump: inconsistent after {DUMP_ATTEMPTS} attempts: {last_problem}")
+
+
+def read_send_queue(sock: SocketLike, state: SocketState) -> SocketState:
+    """The send queue's contents, for a `dump(..., send_queue=False)` of the same frozen
+    socket (returned as a new, complete SocketState). Raises RepairError when the queue is
+    not what the dump found."""
+    if state.send_queue_size is None:
+        return state
+    fd = _fd(sock)
+    size = state.send_queue_size
+    with _step("dump", "send queue"):
+        _select_queue(fd, TCP_SEND_QUEUE)
+        try:
+            if _get_u32(fd, SOL_TCP, TCP_QUEUE_SEQ) != state.write_seq:
+                raise RepairError("dump", errno.EAGAIN, "dump: the send queue moved after "
+                                                        "the dump (socket not frozen?)")
+            queued = _peek_view(fd, size + SEND_QUEUE_PEEK_SLACK_BYTES) if size else \
+                memoryview(b"")
+        finally:
+            _select_queue(fd, TCP_NO_QUEUE)  # P8, as in dump()
+    if len(queued) != size:
+        raise RepairError("dump", errno.EAGAIN,
+                          f"dump: short send-queue peek: {len(queued)}/{size}")
+    return dataclasses.replace(state, send_queue=queued, send_queue_size=None)
 
 
 def rebuild(state: SocketState, new_local: tuple[str, int], new_remote: tuple[str, int],
@@ -825,7 +892,7 @@ def rebuild(state: SocketState, new_local: tuple[str, int], new_remote: tuple[st
     peer's rcv_nxt lies outside [snd_una, write_seq]: the two dumps do not match.
     """
     skip = seq_diff(peer_rcv_nxt, state.snd_una)
-    if not 0 <= skip <= len(state.send_queue):
+    if not 0 <= skip <= state.send_queue_bytes:
         raise RepairError("rebuild", errno.EPROTO,
                           f"rebuild: peer rcv_nxt {peer_rcv_nxt} outside [snd_una "
                           f"{state.snd_una}, write_seq {state.write_seq}] (skip={skip})")
@@ -872,8 +939,11 @@ def rebuild(state: SocketState, new_local: tuple[str, int], new_remote: tuple[st
     except BaseException:
         sock.close()
         raise
-    sock.pending = state.send_queue[skip:]
+    sock.skip = skip
     sock.state = state
+    # Without a copy (a memoryview); empty until `attach_send_queue` when the dump left the
+    # send queue's contents for later.
+    sock.pending = memoryview(state.send_queue)[skip:]
     return sock
 
 
@@ -924,7 +994,7 @@ def _apply_socket_options(fd: int, options: tuple[tuple[int, int, bytes], ...]) 
 
 
 def commit(new_sock: RebuiltSocket, app_fd: int, *, write_pending: bool = True,
-           timeout_s: float = COMMIT_WRITE_TIMEOUT_S) -> bytes:
+           timeout_s: float = COMMIT_WRITE_TIMEOUT_S) -> bytes | memoryview:
     """Swap the rebuilt socket in under the application's fd number and unfreeze it
     (notes 3.4): dup3(O_CLOEXEC) onto `app_fd` (this releases the old socket, still in repair
     mode, silently), copy the open-file flags (O_NONBLOCK), leave repair mode, then write the
@@ -953,7 +1023,8 @@ def commit(new_sock: RebuiltSocket, app_fd: int, *, write_pending: bool = True,
     return b""
 
 
-def send_all(fd: int, data: bytes, *, timeout_s: float = COMMIT_WRITE_TIMEOUT_S) -> None:
+def send_all(fd: int, data: bytes | memoryview, *,
+             timeout_s: float = COMMIT_WRITE_TIMEOUT_S) -> None:
     """Write all of `data` to a socket fd, blocking or not, within `timeout_s`."""
     view = memoryview(data)
     deadline = time.monotonic() + timeout_s

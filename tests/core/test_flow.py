@@ -236,7 +236,24 @@ ILLEGAL_CALLS: dict[str, tuple[Callable[[Pair], Flow], Callable[[Flow, float], N
         lambda p: _aborted(p),
         lambda f, now: f.abort(now),
     ),
+    "abandon a migration that never started": (
+        lambda p: p.establish()[0],
+        lambda f, now: f.abandon_migration(now),
+    ),
+    "abandon a migration whose final ACK has left": (
+        lambda p: _completed_migration(p),
+        lambda f, now: f.abandon_migration(now),
+    ),
 }
+
+
+def _completed_migration(pair: Pair) -> Flow:
+    client, server = pair.establish()
+    client.migrate(CLIENT_NEW, info(CLIENT_NEW), pair.now)
+    pair.to_server(pair.from_client(), source=CLIENT_NEW)
+    server.accept_migration(info(SERVER), pair.now)
+    pair.to_client(pair.from_server())
+    return client  # the test takes the final ACK from datagrams_to_send
 
 
 def _closed_once(pair: Pair) -> Flow:
@@ -980,3 +997,151 @@ def test_an_old_final_ack_cannot_complete_a_newer_migration() -> None:
     pair.to_server(second_final_ack, source=CLIENT)
     assert migration_state(server) is MigrationState.RSYN_INITIAL
     assert server.peer_address == CLIENT
+
+
+# -- abandoning a migration (the runtime gives up) ---------------------------------------------
+
+
+def _answered(pair: Pair, client: Flow, server: Flow) -> list[tuple[SalPacket, Address | None]]:
+    """Client migrates, server answers: the RSYN-ACK, not yet delivered."""
+    client.migrate(CLIENT_NEW, info(CLIENT_NEW), pair.now)
+    pair.to_server(pair.from_client(), source=CLIENT_NEW)
+    assert isinstance(events(server)[-1], MigrationRequested)
+    server.accept_migration(info(SERVER), pair.now)
+    return pair.from_server()
+
+
+def _migrates_cleanly(pair: Pair, client: Flow, server: Flow) -> None:
+    """A later migration still completes at both ends."""
+    pair.now += 0.1
+    rsyn_ack = _answered(pair, client, server)
+    pair.to_client(rsyn_ack)
+    assert isinstance(events(client)[-1], MigrationCompleted)
+    pair.to_server(pair.from_client(), source=CLIENT_NEW)
+    assert isinstance(events(server)[-1], MigrationCompleted)
+    assert server.peer_address == CLIENT_NEW and client.local_address == CLIENT_NEW
+
+
+def test_abandoning_before_the_rsyn_ack_aborts_the_responder_at_once() -> None:
+    pair, client, server = _established()
+    rsyn_ack = _answered(pair, client, server)
+    client.abandon_migration(pair.now)
+    assert client.local_address == CLIENT and client.next_event() is None
+    assert migration_state(client) is MigrationState.RSYN_INITIAL
+    [(abort, destination)] = pair.from_client()
+    assert flags_of(abort) == ACK | NACK and abort.auth is not None and destination == SERVER
+    pair.to_server([(abort, destination)], source=CLIENT)
+    assert events(server) == [MigrationFailed(False, MigrationFailure.ABORTED)]
+    assert migration_state(server) is MigrationState.RSYN_INITIAL
+    assert server.peer_address == CLIENT
+    # The RSYN-ACK that was in flight (reordered behind the abort) draws one more abort,
+    # which the responder, already rolled back, ignores.
+    pair.to_client(rsyn_ack)
+    assert client.next_event() is None and client.local_address == CLIENT
+    stale = server.counters.stale
+    pair.to_server(pair.from_client(), source=CLIENT)
+    assert server.counters.stale == stale + 1 and server.next_event() is None
+    _migrates_cleanly(pair, client, server)
+
+
+def test_abandoning_after_the_rsyn_ack_withdraws_the_final_ack() -> None:
+    pair, client, server = _established()
+    pair.to_client(_answered(pair, client, server))
+    assert isinstance(events(client)[-1], MigrationCompleted)  # the runtime now fails to rebuild
+    client.abandon_migration(pair.now)
+    assert client.local_address == CLIENT
+    [(abort, destination)] = pair.from_client()  # the abort, and no final ACK
+    assert flags_of(abort) == ACK | NACK and destination == SERVER
+    pair.to_server([(abort, destination)], source=CLIENT)
+    assert events(server) == [MigrationFailed(False, MigrationFailure.ABORTED)]
+    assert server.peer_address == CLIENT
+    _migrates_cleanly(pair, client, server)
+
+
+def test_a_lost_abort_is_sent_again_on_the_next_rsyn_ack() -> None:
+    pair, client, server = _established()
+    pair.to_client(_answered(pair, client, server))
+    client.abandon_migration(pair.now)
+    pair.from_client()  # the abort is lost
+    pair.fire(server)  # the responder retransmits its RSYN-ACK
+    [(retransmitted, destination)] = pair.from_server()
+    assert flags_of(retransmitted) == RSYN | ACK
+    pair.to_client([(retransmitted, destination)])
+    [(abort, _)] = pair.from_client()  # an abort, not the withdrawn final ACK
+    assert flags_of(abort) == ACK | NACK
+    pair.to_server([(abort, SERVER)], source=CLIENT)
+    assert events(server)[-1] == MigrationFailed(False, MigrationFailure.ABORTED)
+    assert server.peer_address == CLIENT and pair.now - T0 < MIGRATION_RESPONDER_TIMEOUT_S
+
+
+def test_a_duplicated_abort_changes_nothing() -> None:
+    pair, client, server = _established()
+    _answered(pair, client, server)
+    client.abandon_migration(pair.now)
+    [(abort, _)] = pair.from_client()
+    pair.to_server([(abort, SERVER), (abort, SERVER)], source=CLIENT)
+    assert events(server) == [MigrationFailed(False, MigrationFailure.ABORTED)]
+    assert server.counters.stale == 1
+    _migrates_cleanly(pair, client, server)
+
+
+def test_an_abort_overtaking_the_rsyn_is_ignored_and_the_rsyn_ack_draws_another() -> None:
+    pair, client, server = _established()
+    client.migrate(CLIENT_NEW, info(CLIENT_NEW), pair.now)
+    rsyn = pair.from_client()
+    client.abandon_migration(pair.now)
+    abort = pair.from_client()
+    pair.to_server(abort, source=CLIENT)  # arrives first: nothing to abort yet
+    assert server.next_event() is None and server.counters.stale == 1
+    pair.to_server(rsyn, source=CLIENT_NEW)
+    assert isinstance(events(server)[-1], MigrationRequested)
+    server.accept_migration(info(SERVER), pair.now)
+    pair.to_client(pair.from_server())
+    assert client.next_event() is None and client.local_address == CLIENT
+    pair.to_server(pair.from_client(), source=CLIENT)
+    assert events(server) == [MigrationFailed(False, MigrationFailure.ABORTED)]
+    assert migration_state(server) is MigrationState.RSYN_INITIAL
+
+
+def test_abandoning_releases_a_crossing_rsyn_held_behind_ours() -> None:
+    pair, client, server = _established()
+    client.migrate(CLIENT_NEW, info(CLIENT_NEW), pair.now)
+    server.migrate(SERVER_NEW, info(SERVER_NEW), pair.now)
+    client_rsyn, server_rsyn = pair.from_client(), pair.from_server()
+    pair.to_client(server_rsyn, source=SERVER_NEW)
+    pair.to_server(client_rsyn, source=CLIENT_NEW)
+    loser, winner_address = (
+        (client, SERVER_NEW)
+        if migration_state(client) is MigrationState.RSYN_SENT_RECV
+        else (server, CLIENT_NEW)
+    )
+    assert migration_state(loser) is MigrationState.RSYN_SENT_RECV
+    loser.abandon_migration(pair.now)  # its runtime gives up before the refusal arrives
+    assert migration_state(loser) is MigrationState.RSYN_RECV
+    assert events(loser) == [MigrationRequested(info(winner_address), winner_address)]
+
+
+def test_an_initiator_that_times_out_aborts_the_responder_well_before_its_timeout() -> None:
+    pair, client, server = _established()
+    client.migrate(CLIENT_NEW, info(CLIENT_NEW), pair.now)
+    pair.to_server(pair.from_client(), source=CLIENT_NEW)
+    events(server)
+    started = pair.now
+    server.accept_migration(info(SERVER), pair.now)
+    pair.from_server()  # every RSYN-ACK is lost on the way back
+    while migration_state(client) is MigrationState.RSYN_SENT:
+        pair.fire(client)
+        out = pair.from_client()
+        # RSYN retransmissions are duplicates to the server (answered, answers lost again)
+        for packet, destination in out:
+            if flags_of(packet) == RSYN:
+                pair.to_server([(packet, destination)], source=CLIENT_NEW)
+                pair.from_server()
+            else:
+                assert flags_of(packet) == ACK | NACK
+                pair.to_server([(packet, destination)], source=CLIENT)
+    assert events(client) == [MigrationFailed(True, MigrationFailure.TIMEOUT)]
+    assert events(server) == [MigrationFailed(False, MigrationFailure.ABORTED)]
+    assert pair.now - started == pytest.approx(MIGRATION_TIMEOUT_S, abs=0.05)
+    assert pair.now - started < MIGRATION_RESPONDER_TIMEOUT_S
+    assert server.peer_address == CLIENT and client.local_address == CLIENT

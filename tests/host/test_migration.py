@@ -16,7 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_migration_harness import (
+
+from serval.core import wire
+from serval.core.flow import FLOW_KEY_ID, MIGRATION_TIMEOUT_S
+from serval.core.wire import ControlExt, ControlFlags, MigrateExt, SalPacket
+from serval.host.migration import Outcome, Role
+from serval.host.migration_lab import (
     DOMAIN_KEY,
     LabFlow,
     SalNode,
@@ -25,11 +30,6 @@ from test_migration_harness import (
     lab_nodes,
     wait_for,
 )
-
-from serval.core import wire
-from serval.core.flow import FLOW_KEY_ID, MIGRATION_TIMEOUT_S
-from serval.core.wire import ControlExt, ControlFlags, MigrateExt, SalPacket
-from serval.host.migration import Outcome, Role
 from serval.topology import LanSpec, Shaping, Topology, TopologySpec
 
 BULK_BYTES = 200 << 20

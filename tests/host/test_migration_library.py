@@ -22,9 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_migration_harness import REPOSITORY_ROOT, assert_no_resets, digest_of, random_bytes
-from test_migration_servald import SERVICE, Daemon, daemons
+from test_migration_servald import SERVICE, daemons
 
+from serval.host.migration_lab import (
+    REPOSITORY_ROOT,
+    ServaldProcess,
+    assert_no_resets,
+    digest_of,
+    random_bytes,
+)
 from serval.topology import Host, Shaping, Topology, TopologySpec
 
 BULK_BYTES = 200 << 20
@@ -141,7 +147,7 @@ def _result(process: subprocess.Popen[str]) -> dict[str, object]:
     return result
 
 
-def _watched_flow(daemon: Daemon) -> int:
+def _watched_flow(daemon: ServaldProcess) -> int:
     flows = [f for f in daemon.request("flows")["flows"] if f.get("watched")]
     assert len(flows) == 1, flows
     return int(flows[0]["flow"])

@@ -10,11 +10,8 @@ then park / swap / resume events): exactly what the library and the translator's
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,92 +19,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from test_migration_harness import (
+
+from serval.control import ControlClient
+from serval.host.migration_lab import (
     REPOSITORY_ROOT,
     AppProcess,
+    ServaldProcess,
     assert_no_resets,
     digest_of,
     wait_for,
 )
-
-from serval.control import ControlClient
-from serval.topology import Host, LanSpec, LinkSpec, Shaping, Topology, TopologySpec
+from serval.host.migration_lab import (
+    SERVALD_SERVICE as SERVICE,
+)
+from serval.topology import LanSpec, LinkSpec, Shaping, Topology, TopologySpec
 
 pytestmark = pytest.mark.netns
 
-DOMAIN_KEY = "5e7a1d005e7a1d005e7a1d005e7a1d005e7a1d005e7a1d005e7a1d005e7a1d00"
-SERVICE = "migration.servald.test"
 BULK_BYTES = 200 << 20
-STARTUP_TIMEOUT_S = 20.0
 # servalctl is a fresh Python process (hundreds of ms to start): at this rate the 200 MiB take
 # ~3.4 s, so the flow is still moving data when the command lands.
 SHAPING = Shaping(rate="500mbit")
 
 
-class Daemon:
-    """One servald process in a host's namespace."""
-
-    def __init__(self, host: Host, workdir: Path, **config: Any) -> None:
-        self.host = host
-        self.socket_path = str(host.control_socket)
-        Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
-        config_path = workdir / f"{host.name}.yaml"
-        config_path.write_text(yaml.safe_dump({"domain_key": DOMAIN_KEY, "log_level": "info",
-                                               **config}))
-        self.log_path = workdir / f"{host.name}.log"
-        env = host.env()
-        env["PYTHONPATH"] = str(REPOSITORY_ROOT)
-        with self.log_path.open("ab") as log:
-            self.process = host.popen(
-                [sys.executable, "-m", "serval.host.daemon", "--config", str(config_path),
-                 "--control-socket", self.socket_path],
-                env=env, cwd=str(REPOSITORY_ROOT), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert self.process.poll() is None, f"servald exited: {self.log()}"
-            with contextlib.suppress(OSError), ControlClient(self.socket_path) as client:
-                client.request("status")
-                break
-            assert time.monotonic() < deadline, f"servald did not start: {self.log()}"
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        with ControlClient(self.socket_path) as client:
-            return dict(client.request(op, **fields).message)
-
-    def flow(self, flow_id: int) -> dict[str, Any]:
-        return next(f for f in self.request("flows")["flows"] if f["flow"] == flow_id)
-
-    def servalctl(self, *argv: str) -> dict[str, Any]:
-        env = self.host.env()
-        env["PYTHONPATH"] = str(REPOSITORY_ROOT)
-        result = self.host.run([sys.executable, "-m", "serval.host.ctl", "--timeout", "20",
-                                *argv, "--json"], env=env, check=False, timeout=40)
-        assert result.returncode == 0, f"servalctl {argv}: {result.stderr}\n{self.log()}"
-        answer: dict[str, Any] = json.loads(result.stdout)
-        return answer
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait(10)
-
-
 @contextlib.contextmanager
-def daemons(topology: Topology, workdir: Path, **config: Any) -> Iterator[tuple[Daemon, ...]]:
-    started: list[Daemon] = []
+def daemons(topology: Topology, workdir: Path,
+            **config: Any) -> Iterator[tuple[ServaldProcess, ...]]:
+    started: list[ServaldProcess] = []
     try:
         for name in ("a", "b"):
-            started.append(Daemon(topology[name], workdir, **config))
+            started.append(ServaldProcess(topology[name], workdir, **config))
         yield tuple(started)
     finally:
         for daemon in started:
@@ -117,7 +58,7 @@ def daemons(topology: Topology, workdir: Path, **config: Any) -> Iterator[tuple[
 class Stream:
     """A stream a -> b set up through servald, with a watching application at each end."""
 
-    def __init__(self, a: Daemon, b: Daemon, workdir: Path, seed: int) -> None:
+    def __init__(self, a: ServaldProcess, b: ServaldProcess, workdir: Path, seed: int) -> None:
         self.listener = ControlClient(b.socket_path)
         self.listener.request("listen", service=SERVICE, type="stream", backlog=8)
         with ControlClient(a.socket_path) as client:
@@ -268,8 +209,8 @@ def test_registrations_follow_the_host_to_its_new_address(
                                  lans=(LanSpec("lan", ("r", "s")),)))
     r, s = topo["r"], topo["s"]
     old_s = str(s.address(version=4))
-    router = Daemon(r, tmp_path, router=True)
-    host = Daemon(s, tmp_path, routers=[str(r.address(version=4))])
+    router = ServaldProcess(r, tmp_path, router=True)
+    host = ServaldProcess(s, tmp_path, routers=[str(r.address(version=4))])
     listener = ControlClient(host.socket_path)
     try:
         listener.request("listen", service=SERVICE, type="stream", backlog=8)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_migration_harness import SalNode, assert_no_resets, establish, lab_nodes, wait_for
 
 from serval.errors import ConfigError
+from serval.host.migration_lab import SalNode, assert_no_resets, establish, lab_nodes, wait_for
 from serval.host.netmon import (
     AddressInfo,
     ChangeKind,
