@@ -108,6 +108,10 @@ class Metrics:
         self.migrations = Counter(
             "migrations", "Serval-side migrations of relayed connections", CONNECTION_LABELS,
             namespace=NAMESPACE, registry=r)
+        self.flow_adoptions = Counter(
+            "flow_adoptions", "Relayed flows handed back to a restarted servald, by result "
+            "(adopted, failed)", (*CONNECTION_LABELS, "result"), namespace=NAMESPACE,
+            registry=r)
         self.servald_up = Gauge(
             "servald_up", "1 when servald answers on its control socket", namespace=NAMESPACE,
             registry=r)

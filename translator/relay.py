@@ -72,6 +72,9 @@ class Connection:
     migrations: int = 0
     generation: _Generation | None = None
     watch: Closable | None = None  # servald migration watch of the Serval side (migration.py)
+    # The fd number of the Serval side inside the relay (the engine owns it; a migration's
+    # swap changes it): what a watch hands back to a restarted servald (op adopt).
+    serval_fd: int | None = None
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -106,6 +109,8 @@ class RelayPool:
         self._config = config
         self._sweeper: asyncio.Task[None] | None = None
         self.completed = 0
+        # translator.migration.WatchHub per servald control socket (closed by `stop`).
+        self.watch_hubs: dict[str, Closable] = {}
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -152,6 +157,9 @@ class RelayPool:
             generation.relay.stop()
             self._on_completions(generation)
             self._drop(generation)
+        for hub in self.watch_hubs.values():
+            hub.close()
+        self.watch_hubs.clear()
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -170,6 +178,10 @@ class RelayPool:
         generation.connections[connection.pair_id] = connection
         self._metrics.active.labels(*connection.labels).inc()
         return connection
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
     @property
     def active(self) -> int:

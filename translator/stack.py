@@ -15,7 +15,9 @@ own restart policy (with its own limits) takes over rather than us spinning.
 
 Established connections do not depend on servald: they are plain kernel TCP sockets the relay
 owns. While servald is down new connects fail fast (counted as ``servald_unavailable``) and
-exporters re-``listen`` as soon as it is back (translator.exporters).
+exporters re-``listen`` as soon as it is back (translator.exporters); the relayed flows are
+handed back to it (``adopt``) so they can migrate again: every up/down seen here feeds the
+``ServaldPresence`` of the control socket, on which translator.migration waits.
 
 The child is started in a session of its own (a Ctrl-C on our terminal must not kill it behind
 the supervisor's back; we stop it ourselves, last, after the drain) with PR_SET_PDEATHSIG, so it
@@ -328,6 +330,7 @@ class Stack:
             self._health_client = None
 
     def _set_up(self, up: bool) -> None:
+        servald_presence(self.control_socket).mark(up)
         if up != self.up:
             self.up = up
             self.up_since = time.monotonic() if up else None
@@ -363,6 +366,61 @@ class Stack:
         if self.last_status is not None:
             info["servald"] = self.last_status
         return info
+
+
+class ServaldPresence:
+    """Whether servald answers on one control socket, and how often it came (back) up.
+
+    The watches of relayed flows (translator.migration) wait on it after losing their control
+    connection: once servald is back they hand their flows to it (op ``adopt``). The Stack
+    feeds it from its probes. Waiters are plain futures of the running loop, so one registry
+    entry outlives event loops (in-process tests run several).
+    """
+
+    def __init__(self) -> None:
+        self.up = False
+        self.epoch = 0  # times servald came up
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def mark(self, up: bool) -> None:
+        if up and not self.up:
+            self.epoch += 1
+        self.up = up
+        if up:
+            waiters, self._waiters = self._waiters, []
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
+
+    def back_since(self, epoch: int) -> bool:
+        return self.up and self.epoch > epoch
+
+    async def wait_back(self, since_epoch: int, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until servald came up after `since_epoch`."""
+        if self.back_since(since_epoch):
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+        except TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(future)
+        return self.back_since(since_epoch)
+
+
+_presences: dict[str, ServaldPresence] = {}
+
+
+def servald_presence(control_socket: str) -> ServaldPresence:
+    """The presence record of the servald at `control_socket` (one per path, per process)."""
+    presence = _presences.get(control_socket)
+    if presence is None:
+        presence = _presences[control_socket] = ServaldPresence()
+    return presence
 
 
 def _describe_exit(returncode: int | None) -> str:

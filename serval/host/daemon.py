@@ -40,18 +40,26 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from serval.control import Message, get_field, get_optional_field
 from serval.core import wire
+from serval.core.flow import RESTORE_VERNO_SKIP, Flow, export_flow, restore_flow
 from serval.core.ids import SERVICE_ID_BYTES, ServiceID
 from serval.core.registration import LocalService, Registrar, RegistrationTable
 from serval.core.service_table import RuleKind, ServiceTable, Target, TargetKey
 from serval.core.wire import Address, Protocol, SalPacket, ServiceExt
-from serval.errors import ConfigError, ServalError, ServiceIDError, ServiceTableError
+from serval.errors import (
+    ConfigError,
+    FlowStateError,
+    ServalError,
+    ServiceIDError,
+    ServiceTableError,
+)
+from serval.host import flowstate
 from serval.host.config import ServaldConfig, config_from_args, parse_endpoint
 from serval.host.control_server import ControlServer, ControlSession, OpError
 from serval.host.dataplane import (
@@ -170,6 +178,8 @@ class Servald:
         self.netmon: NetMonitor | None = None
         self.triggers: MigrationTriggers | None = None
         self.watched: dict[int, WatchedFlow] = {}  # flow -> its watch (migratable flows)
+        # Seals the flow state handed to watchers (flowstate.py); None: no hand-back.
+        self.flow_state_key: bytes | None = None
         self._stop = asyncio.Event()
         self._wake_registrar = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -205,6 +215,7 @@ class Servald:
             repair=self._make_repair(), acceptor=self.acceptor, counters=self.counters,
             log=self.log, bad_input=self.bad_input, rng=self.rng)
         await self._start_migration(loop)
+        self._load_flow_state_key()
         self._install_static_rules()
         self._sync_default_rules()
         if self.config.routers:
@@ -223,6 +234,20 @@ class Servald:
             data_plane=self.config.data_plane.mode, repair=self.repair_note or "available",
             addresses=[str(a) for a in self.addresses.unicast()],
         )
+
+    def _load_flow_state_key(self) -> None:
+        """The key sealing flow states (flowstate.py): reused across restarts, so a restarted
+        servald can take back the flows its predecessor handed out."""
+        if not self.migratable:
+            return
+        path = flowstate.key_path_for(self.config.control_socket)
+        try:
+            self.flow_state_key, created = flowstate.load_or_create_key(path)
+        except OSError as exc:
+            self.log.warning("flow_state_key_unavailable", path=path, error=str(exc),
+                             effect="flows cannot be adopted after a restart")
+            return
+        self.log.info("flow_state_key", path=path, created=created)
 
     def _make_repair(self) -> RepairBackend | None:
         try:
@@ -767,7 +792,10 @@ class Servald:
             "listeners": [str(s) for s in self.listeners],
             "datagram_bindings": len(self.dgram_bindings),
             "flows": {"establishing_client": self.engine.client_count(),
-                      "establishing_server": self.engine.pending_count()},
+                      "establishing_server": self.engine.pending_count(),
+                      "watched": len(self.watched),
+                      "adopted": sum(1 for w in self.watched.values() if w.adopted)},
+            "flow_state_handback": self.flow_state_key is not None,
             "sessions": self.control.session_count,
             "uptime_s": round(time.time() - self.started_at, 3),
             "counters": self.counters.snapshot(),
@@ -800,6 +828,7 @@ class Servald:
                     "peer": described["sal_peer"],
                     "migrations": managed.migrations,
                     "watched": True,
+                    "adopted": watched.adopted if watched else False,
                 })
         return {"flows": flows}
 
@@ -1047,22 +1076,116 @@ class Servald:
                                         "to watch (unknown, failed, or already watched)")
         flow_object, role, mode = taken
         session.received_fds.remove(fd)
-        watched = WatchedFlow(session, flow, fd, role, mode)
-        self.watched[flow] = watched
-        self.migration.adopt(flow_object, watched,
-                             local=(str(local[0]), int(local[1])),
-                             remote=(str(remote[0]), int(remote[1])))
-        session.on_close(lambda: self._unwatch(flow))
+        self._manage(session, flow_object, fd, role, mode,
+                     (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1])))
         self.counters.inc("migration.watched")
-        return {"flow": flow}
+        return self._watch_answer(flow)
 
-    def _unwatch(self, flow: int) -> None:
-        watched = self.watched.pop(flow, None)
-        if watched is None:
-            return
+    def _manage(self, session: ControlSession, flow_object: Flow, fd: int, role: str,
+                mode: str, local: tuple[str, int], remote: tuple[str, int],
+                adopted: bool = False) -> WatchedFlow:
+        """The flow goes to the migration engine, `session` watching it (servald owns `fd`)."""
+        assert self.migration is not None
+        flow = int(flow_object.local_flow)
+        watched = WatchedFlow(session, flow, fd, role, mode,
+                              state_of=functools.partial(self._sealed_state, flow),
+                              adopted=adopted)
+        self.watched[flow] = watched
+        self.migration.adopt(flow_object, watched, local=local, remote=remote)
+
+        def release() -> None:
+            self._unwatch(flow, watched)
+
+        watched.on_session_close = release
+        session.on_close(release)
+        return watched
+
+    def _watch_answer(self, flow: int) -> Message:
+        answer: Message = {"flow": flow}
+        state = self._sealed_state(flow)
+        if state is not None:
+            answer["state"] = state
+        return answer
+
+    def _sealed_state(self, flow: int) -> str | None:
+        """The flow's current state, sealed for its watcher (None: not available)."""
+        watched = self.watched.get(flow)
+        managed = self.migration.get(flow) if self.migration is not None else None
+        if self.flow_state_key is None or watched is None or managed is None or \
+                managed.local is None or managed.remote is None:
+            return None
+        try:
+            export = export_flow(managed.flow)
+        except FlowStateError:
+            return None  # closing: nothing left to hand back
+        return flowstate.seal(self.flow_state_key, flowstate.SealedFlow(
+            export, watched.role, watched.mode, managed.local, managed.remote))
+
+    def _unwatch(self, flow: int, watched: WatchedFlow | None = None) -> bool:
+        """Stop managing `flow` (only if `watched` is still its watch, when given)."""
+        current = self.watched.get(flow)
+        if current is None or (watched is not None and current is not watched):
+            return False
+        del self.watched[flow]
         if self.migration is not None:
             self.migration.forget(flow)
-        watched.close()
+        if current.on_session_close is not None:
+            current.session.remove_on_close(current.on_session_close)
+            current.on_session_close = None
+        current.close()
+        return True
+
+    def op_unwatch(self, session: ControlSession, message: Message) -> Message:
+        flow = get_field(message, "flow", int)
+        watched = self.watched.get(flow)
+        if watched is None or watched.session is not session:
+            raise OpError(errno.ENOENT, f"flow {flow}: not watched by this connection")
+        self._unwatch(flow, watched)
+        self.counters.inc("migration.unwatched")
+        return {"flow": flow}
+
+    def op_adopt(self, session: ControlSession, message: Message) -> Message:
+        """Take back a flow a previous servald handed out (flowstate.py), with its socket."""
+        if self.migration is None or self.engine is None or self.engine.repair is None:
+            raise OpError(errno.EOPNOTSUPP, "adopt: migration needs TCP_REPAIR (CAP_NET_ADMIN)")
+        if self.flow_state_key is None:
+            raise OpError(errno.EOPNOTSUPP, "adopt: this servald has no flow-state key")
+        if len(session.received_fds) != 1:
+            raise OpError(errno.EINVAL, "adopt: the request must carry the flow's socket (fds=1)")
+        try:
+            sealed = flowstate.open_sealed(self.flow_state_key, message.get("state"))
+        except flowstate.SealedStateError as exc:
+            self.counters.inc("migration.adopt_refused")
+            self.bad_input.warning("adopt_refused", reason=str(exc))
+            raise OpError(errno.EINVAL, f"adopt: {exc}") from None
+        flow = sealed.flow
+        fd = session.received_fds[0]
+        local, remote = _established_endpoints(fd, f"adopt of flow {flow}")
+        if (local, remote) != (_canonical(sealed.local), _canonical(sealed.remote)):
+            self.counters.inc("migration.adopt_refused")
+            raise OpError(errno.EINVAL, f"adopt of flow {flow}: the socket is "
+                                        f"{_endpoint_text(local)} -> {_endpoint_text(remote)}, "
+                                        f"the state names {_endpoint_text(sealed.local)} -> "
+                                        f"{_endpoint_text(sealed.remote)}")
+        if flow in self.watched or self.migration.owns(flow):
+            raise OpError(errno.EEXIST, f"adopt of flow {flow}: the flow is already live here")
+        thawed = _thaw_orphan(fd)
+        if thawed is not None:
+            self.counters.inc("migration.adopt_thawed")
+            self.log.warning("adopt_thawed", flow=flow, found=thawed,
+                             note="the previous servald died during a migration of this flow")
+        flow_object = restore_flow(sealed.export, rng=self.rng,
+                                   now=asyncio.get_running_loop().time(),
+                                   domain_key=self.config.domain_key or b"")
+        session.received_fds.remove(fd)
+        self._manage(session, flow_object, fd, sealed.role, sealed.mode, local, remote,
+                     adopted=True)
+        self.counters.inc("migration.adopted")
+        self.log.info("flow_adopted", flow=flow, role=sealed.role, mode=sealed.mode,
+                      service=str(sealed.export.service), local=_endpoint_text(local),
+                      remote=_endpoint_text(remote), peer=str(sealed.export.peer_address),
+                      verno_skip=RESTORE_VERNO_SKIP)
+        return {"events": ["migration"], **self._watch_answer(flow), "thawed": thawed is not None}
 
     def _target_address(self, text: str, flow: int, version: int) -> Address:
         """`to` of migrate_flow: one of our addresses, or an interface (its best address)."""
@@ -1142,12 +1265,16 @@ class WatchedFlow:
     """
 
     def __init__(self, session: ControlSession, flow: int, fd: int, role: str,
-                 mode: str) -> None:
+                 mode: str, *, state_of: Callable[[], str | None] | None = None,
+                 adopted: bool = False) -> None:
         self.session = session
         self.flow = flow
         self.fd = fd
         self.role = role
         self.mode = mode
+        self.adopted = adopted  # taken back after a servald restart (op adopt)
+        self._state_of = state_of
+        self.on_session_close: Callable[[], None] | None = None  # servald's release hook
         self._parked: asyncio.Future[None] | None = None
         self._closed = False
 
@@ -1173,11 +1300,17 @@ class WatchedFlow:
         await self._push("swap", [fd])
 
     async def resume(self) -> None:
+        # A migration changes the 4-tuple, addresses and sequence numbers: the watcher gets
+        # the flow's state again, so what it would hand back after a restart is current.
+        state = self._state_of() if self._state_of is not None else None
         with contextlib.suppress(OSError):
-            await self._push("resume")
+            await self._push("resume", state=state)
 
-    async def _push(self, phase: str, fds: list[int] | None = None) -> None:
+    async def _push(self, phase: str, fds: list[int] | None = None,
+                    state: str | None = None) -> None:
         event: Message = {"event": "migration", "flow": self.flow, "phase": phase}
+        if state is not None:
+            event["state"] = state
         if not await self.session.push_event(event, fds):
             raise OSError(errno.EPIPE, f"flow {self.flow}: the watching client is gone")
 
@@ -1186,6 +1319,72 @@ class WatchedFlow:
             self._closed = True
             with contextlib.suppress(OSError):
                 os.close(self.fd)
+
+
+def _canonical(endpoint: tuple[str, int]) -> tuple[str, int]:
+    """One spelling per address (IPv6 compressed, scope dropped), for comparing 4-tuples."""
+    return str(ip_address(endpoint[0].split("%", 1)[0])), int(endpoint[1])
+
+
+def _endpoint_text(endpoint: tuple[str, int]) -> str:
+    host = f"[{endpoint[0]}]" if ":" in endpoint[0] else endpoint[0]
+    return f"{host}:{endpoint[1]}"
+
+
+TCP_STATE_ESTABLISHED = 1  # tcpi_state (first byte of struct tcp_info)
+
+
+def _established_endpoints(fd: int, subject: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The 4-tuple of an ESTABLISHED kernel TCP socket (OpError for anything else)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise OpError(errno.ENOTSOCK, f"{subject}: fd is not a socket: {exc}") from None
+    with sock:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                  socket.AF_INET6):
+            raise OpError(errno.EINVAL, f"{subject}: fd is not a TCP socket")
+        try:
+            local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            raise OpError(errno.ENOTCONN, f"{subject}: fd is not a connected TCP socket") \
+                from None
+        if state != TCP_STATE_ESTABLISHED:
+            raise OpError(errno.ENOTCONN, f"{subject}: fd is not an established TCP socket "
+                                          f"(kernel TCP state {state})")
+    return _canonical((str(local[0]), int(local[1]))), _canonical((str(remote[0]),
+                                                                   int(remote[1])))
+
+
+_SO_DETACH_FILTER = 27  # SOL_SOCKET options
+_TCP_REPAIR = 19
+_TCP_REPAIR_QUEUE = 20
+
+
+def _thaw_orphan(fd: int) -> str | None:
+    """Undo what a servald that died mid-migration left on the socket; what it found.
+
+    The migration engine locks a socket's input (drop-all filter) before parking and freezes
+    it (repair mode, send window zeroed) before the dump; its rollback needs the window it
+    saved, which died with it. Here: filter off, repair off (TCP_REPAIR_OFF sends a window
+    probe; the peer's answer re-opens the send window). Nothing was swapped yet (a swap
+    happens after the peer built its new socket), so the old socket is the right one.
+    """
+    found: list[str] = []
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+            found.append("input lock")
+        except OSError:
+            pass  # ENOENT: no filter, the usual case
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.IPPROTO_TCP, _TCP_REPAIR) == 1:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR_QUEUE, 0)
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 0)
+                found.append("repair mode")
+    return " and ".join(found) or None
 
 
 def socket_loopback() -> Address:
@@ -1209,6 +1408,8 @@ _SIMPLE_OPS: dict[str, Any] = {
     "close_listener": Servald.op_close_listener,
     "dgram_bind": Servald.op_dgram_bind,
     "watch": Servald.op_watch,
+    "unwatch": Servald.op_unwatch,
+    "adopt": Servald.op_adopt,
     "migration_ack": Servald.op_migration_ack,
 }
 
