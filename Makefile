@@ -28,6 +28,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy serval splice_ext translator
+	$(VENV)/bin/mypy --strict benchmarks/*.py
 
 bench: setup
 	for b in relay servald migration chain; do test ! -f benchmarks/$${b}_bench.py || $(PY) benchmarks/$${b}_bench.py || exit 1; done
