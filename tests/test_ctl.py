@@ -27,7 +27,7 @@ Answer = Callable[[dict[str, Any]], dict[str, Any]]
 
 @pytest.fixture
 def fake_servald(tmp_path: Path) -> Iterator[Callable[[Answer], tuple[str, list[dict[str, Any]]]]]:
-    """A servald stand-in answering ONE request with `answer(request)` (a full response)."""
+    """A servald stand-in answering each request of one connection with `answer(request)`."""
     threads: list[threading.Thread] = []
     listeners: list[socket.socket] = []
 
@@ -44,11 +44,12 @@ def fake_servald(tmp_path: Path) -> Iterator[Callable[[Answer], tuple[str, list[
             conn, _ = listener.accept()
             with conn:
                 conn.settimeout(10)
-                frame = recv_frame(conn)
-                assert frame is not None
-                seen.append(frame.message)
-                send_frame(conn, {"id": frame.message["id"], **answer(frame.message)})
-                recv_frame(conn)
+                for _ in range(100):
+                    frame = recv_frame(conn)
+                    if frame is None:
+                        return  # the client closed
+                    seen.append(frame.message)
+                    send_frame(conn, {"id": frame.message["id"], **answer(frame.message)})
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -176,6 +177,26 @@ def test_flows_table_and_json(
     assert ctl.main(["--control-socket", path, "flows", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"flows": FLOWS_ANSWER["flows"]}  # no id / ok
+
+
+def test_flows_are_fetched_page_by_page(
+    fake_servald: Callable[[Answer], tuple[str, list[dict[str, Any]]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # servald pages `flows` (a reply frame is at most 64 KiB): servalctl follows `next`.
+    every = [{**FLOWS_ANSWER["flows"][0], "flow": n} for n in range(1, 251)]  # type: ignore[dict-item]
+
+    def page(request: dict[str, Any]) -> dict[str, Any]:
+        offset = request["offset"]
+        following = offset + 100
+        return {"ok": True, "flows": every[offset:following], "total": len(every),
+                "next": following if following < len(every) else None}
+
+    path, seen = fake_servald(page)
+    assert ctl.main(["--control-socket", path, "flows", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [f["flow"] for f in printed["flows"]] == list(range(1, 251))
+    assert [request["offset"] for request in seen] == [0, 100, 200]
 
 
 def test_servald_error_is_one_line_and_exit_1(

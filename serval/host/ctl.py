@@ -304,14 +304,34 @@ _RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 def run(args: argparse.Namespace, out: TextIO) -> int:
     op, fields = request_for(args)
     with ControlClient(args.control_socket, reply_timeout_s=args.timeout) as client:
-        response = client.call(op, fields, subject=op.replace("_", " "))
-    answer: Message = {k: v for k, v in response.message.items() if k not in _ENVELOPE_KEYS}
+        if op == "flows":
+            answer = _all_flows(client)
+        else:
+            response = client.call(op, fields, subject=op.replace("_", " "))
+            answer = {k: v for k, v in response.message.items() if k not in _ENVELOPE_KEYS}
     if args.json:
         json.dump(answer, out, indent=2)
         out.write("\n")
     else:
         out.write(_RENDERERS.get(op, render_generic)(answer) + "\n")
     return EXIT_OK
+
+
+MAX_FLOW_PAGES = 10_000  # a bound on the paging loop: 1,000,000 flows at 100 a page
+
+
+def _all_flows(client: ControlClient) -> Message:
+    """Every flow, page by page (servald answers `flows` in pages: offset / next)."""
+    flows: list[Any] = []
+    offset: int | None = 0
+    for _ in range(MAX_FLOW_PAGES):
+        if offset is None:
+            break
+        message = client.call("flows", {"offset": offset}, subject="flows").message
+        flows.extend(message.get("flows") or [])
+        following = message.get("next")
+        offset = following if isinstance(following, int) and following > offset else None
+    return {"flows": flows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,6 +84,9 @@ SWEEP_INTERVAL_S = 0.25  # linger sweep, token expiry, registration expiry
 DEFAULT_ROUTE_PRIORITY = 1  # like Serval's broadcast default rule (priority 1)
 MAX_DATAGRAM_PAYLOAD_BYTES = 65000
 DEFAULT_CONNECT_PRIORITY = 0
+# Flows per `flows` answer (the op is paged: offset/limit/next); 200 flows stay below 64 KiB.
+FLOWS_PAGE_DEFAULT = 100
+FLOWS_PAGE_MAX = 200
 PROFILE_ENV = "SERVALD_PROFILE"  # path: run under cProfile, write the stats there at exit
 
 
@@ -830,7 +833,17 @@ class Servald:
                     "watched": True,
                     "adopted": watched.adopted if watched else False,
                 })
-        return {"flows": flows}
+        # Paged: a busy host has thousands of flows, a reply frame at most 64 KiB (~250 B a
+        # flow). Ordered by flowID so that pages stay put while flows come and go.
+        offset = get_optional_field(message, "offset", int) or 0
+        limit = get_optional_field(message, "limit", int) or FLOWS_PAGE_DEFAULT
+        if offset < 0 or not 1 <= limit <= FLOWS_PAGE_MAX:
+            raise OpError(errno.EINVAL, f"flows: offset must be >= 0 and limit 1..{FLOWS_PAGE_MAX}")
+        flows.sort(key=lambda f: int(f.get("flow") or 0))
+        page = flows[offset:offset + limit]
+        following = offset + len(page)
+        return {"flows": page, "total": len(flows),
+                "next": following if following < len(flows) else None}
 
     def op_registrations(self, session: ControlSession, message: Message) -> Message:
         result: Message = {}
