@@ -12,7 +12,9 @@ Migration (docs/migration.md): when servald offers it, each stream also gets a `
 connection served on the stream's own loop (`_AsyncWatch`): park pauses the transport, hands
 the queued bytes to the protocol and holds writes; swap installs the new socket under the
 same fd number (dup3) and resumes reading, which registers the new file with epoll; resume
-releases the held writes. The application sees nothing but a short pause.
+releases the held writes. The application sees nothing but a short pause. If servald dies,
+the watch keeps the flow's sealed state and hands the flow back to the restarted servald (op
+``adopt``, as `serval.socket` does); `watch_status(writer)` says whether a stream is watched.
 """
 
 from __future__ import annotations
@@ -23,18 +25,29 @@ import errno
 import inspect
 import os
 import socket as _stdsocket
+import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from serval.control import AsyncControlClient, Frame, close_fds, control_socket_path, os_error
 from serval.core.ids import ServiceID
 from serval.errors import ControlProtocolError, ServalError
 from serval.socket import (
+    ADOPT_REPLY_TIMEOUT_S,
     CONNECT_REPLY_MARGIN_S,
     DEFAULT_BACKLOG,
+    FROZEN_TOO_LONG,
+    HOLD_FROZEN_S,
+    INTERRUPTED_MIGRATION,
+    AdoptSchedule,
     ConnectionInfo,
     ServiceLike,
+    WatchStatus,
+    abort_on_close,
+    adopt_gives_up,
+    adopt_window_s,
+    socket_frozen,
     to_service,
 )
 
@@ -45,6 +58,7 @@ __all__ = [
     "connection_info",
     "open_connection",
     "start_server",
+    "watch_status",
 ]
 
 STREAM_LIMIT_BYTES = 2**16  # asyncio's default StreamReader buffer limit
@@ -68,6 +82,9 @@ def connection_info(writer: asyncio.StreamWriter) -> ConnectionInfo:
 DRAIN_CHUNK_BYTES = 1 << 20
 MAX_DRAIN_READS = 4096
 _WATCHES: set[_AsyncWatch] = set()
+_WATCH_OF: weakref.WeakKeyDictionary[asyncio.StreamWriter, _AsyncWatch] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _AsyncWatch:
@@ -79,16 +96,27 @@ class _AsyncWatch:
     the transport's fd number and resume reading (which registers the new file with epoll:
     the old registration vanished with the old file). resume: writes flow again, held ones
     first. Needs the selector event loop's socket transport (the default on Linux).
+
+    It keeps the flow's latest sealed state (watch answer, every ``resume``). When the watch
+    connection ends while the stream is open (servald died), a parked stream goes on at once
+    and the watch tries, with backoff for up to `adopt_window_s`, to hand the flow back to a
+    restarted servald (op ``adopt``), then serves migrations on that new connection.
     """
 
     def __init__(self, client: AsyncControlClient, sock: _stdsocket.socket,
-                 writer: asyncio.StreamWriter, flow: int) -> None:
-        self.client = client
+                 writer: asyncio.StreamWriter, flow: int, state: str | None) -> None:
+        self.client: AsyncControlClient | None = client
+        self.control_path = client.path
         self.sock = sock
         self.fd = sock.fileno()
         self.writer = writer
         self.flow = flow
+        self.state = state
         self.migrations = 0
+        self.adoptions = 0
+        self._parked = False
+        self._swapped = False
+        self._frozen_hold = False  # parked on a socket a dead servald left frozen
         self._was_reading = False
         self._had_writer = False
         self._held: list[bytes] = []
@@ -100,29 +128,62 @@ class _AsyncWatch:
                    ("pause_reading", "resume_reading", "is_reading", "_write_ready",
                     "_buffer")) and hasattr(asyncio.get_running_loop(), "_add_writer")
 
+    @property
+    def watching(self) -> bool:
+        return self.client is not None and not self.client.channel.closed
+
+    def status(self) -> WatchStatus:
+        return WatchStatus(self.watching, self.migrations, self.adoptions,
+                           self.state is not None)
+
+    def _keep_state(self, message: Mapping[str, Any]) -> None:
+        state = message.get("state")
+        if isinstance(state, str) and state:
+            self.state = state
+
+    def _stream_gone(self) -> bool:
+        return self.sock.fileno() < 0 or self.writer.transport.is_closing()
+
     async def run(self) -> None:
         closed = asyncio.ensure_future(self.writer.wait_closed())
+        # An aborted stream ends wait_closed with its error: retrieved here, not logged.
+        closed.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             while True:
-                event = asyncio.ensure_future(self.client.next_event())
-                done, _ = await asyncio.wait({event, closed},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if closed in done:
-                    event.cancel()
-                    return  # the application closed the stream: servald drops its copy
-                frame = event.result()
-                if frame is None:
+                await self._serve(closed)
+                if closed.done() or not self._lost():
                     return
-                try:
-                    await self._handle(frame)
-                finally:
-                    close_fds(frame.fds)
-        except (OSError, ServalError):
-            self._resume()
+                if not await self._adopt(closed):
+                    return
         finally:
             closed.cancel()
-            self.client.close()
+            if self.client is not None:
+                self.client.close()
             _WATCHES.discard(self)
+
+    async def _serve(self, closed: asyncio.Future[None]) -> None:
+        """Handle servald's events until the connection or the stream ends."""
+        client = self.client
+        assert client is not None
+        while True:
+            event = asyncio.ensure_future(client.next_event())
+            waiting: set[asyncio.Future[Any]] = {event, closed}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done:
+                event.cancel()
+                return  # the application closed the stream: servald drops its copy
+            try:
+                frame = event.result()
+            except (OSError, ServalError):
+                return
+            if frame is None:
+                return
+            try:
+                await self._handle(frame)
+            except (OSError, ServalError):
+                return  # servald is gone: `_lost` leaves nothing parked
+            finally:
+                close_fds(frame.fds)
 
     async def _handle(self, frame: Frame) -> None:
         if frame.message.get("event") != "migration":
@@ -130,21 +191,100 @@ class _AsyncWatch:
         phase = frame.message.get("phase")
         if phase == "park":
             self._park()
+            assert self.client is not None
             await self.client.call("migration_ack", {"flow": self.flow, "phase": "park"})
         elif phase == "swap" and len(frame.fds) == 1:
             new_fd = frame.fds.pop()
             os.dup2(new_fd, self.fd, inheritable=False)  # dup3: same number, CLOEXEC kept
             os.close(new_fd)
             self.migrations += 1
+            self._swapped = True
             if self._was_reading:
                 transport: Any = self.writer.transport
                 transport.resume_reading()  # EPOLL_CTL_ADD of the new file
         elif phase == "resume":
+            self._keep_state(frame.message)
             self._resume()
+
+    def _lost(self) -> bool:
+        """servald is gone. A parked stream goes on at once -- unless it was swapped (the
+        bytes the peer lacks died with servald: fail it rather than leave a hole) or the
+        dead servald left it frozen (only a restarted servald can thaw it). True: try to
+        hand the flow back."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+        if self._stream_gone():
+            return False
+        if self._swapped:
+            self._fail(INTERRUPTED_MIGRATION)
+            return False
+        keep_trying = self.state is not None and adopt_window_s() > 0
+        if self._parked:
+            if keep_trying and socket_frozen(self.fd):
+                self._frozen_hold = True
+            else:
+                self._resume()
+        return keep_trying
+
+    async def _adopt(self, closed: asyncio.Future[None]) -> bool:
+        """Hand the flow back to a restarted servald; True when it took it."""
+        now = time.monotonic()
+        schedule = AdoptSchedule(now)
+        hold_until = now + HOLD_FROZEN_S
+        while True:
+            pause = asyncio.ensure_future(asyncio.sleep(max(0.0, schedule.next_at - now)))
+            waiting: set[asyncio.Future[Any]] = {pause, closed}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done:
+                pause.cancel()
+                return False
+            outcome = await self._try_adopt()
+            if outcome is True:
+                return True
+            now = time.monotonic()
+            if self._frozen_hold and (outcome is None or schedule.expired(now)
+                                      or now >= hold_until):
+                self._fail(FROZEN_TOO_LONG)
+                return False
+            if outcome is None or schedule.expired(now):
+                self.state = None  # carries on unwatched
+                return False
+            schedule.failed(now)
+
+    async def _try_adopt(self) -> bool | None:
+        """One attempt: True adopted, False not yet (servald not back), None never."""
+        assert self.state is not None
+        try:
+            client = await AsyncControlClient.connect(self.control_path)
+        except (OSError, ServalError):
+            return False
+        if self._stream_gone():
+            client.close()
+            return None
+        copy = os.dup(self.fd)  # the transport's socket is open: the number is still ours
+        try:
+            frame = await client.call("adopt", {"state": self.state}, fds=[copy],
+                                      wait_s=ADOPT_REPLY_TIMEOUT_S)
+        except (OSError, ServalError) as exc:
+            client.close()
+            return None if adopt_gives_up(exc) else False
+        finally:
+            os.close(copy)  # servald holds its own copy now (or refused it)
+        close_fds(frame.fds)
+        self._keep_state(frame.message)
+        self.client = client
+        self.adoptions += 1
+        if self._frozen_hold:  # servald thawed the socket: the stream goes on
+            self._frozen_hold = False
+            self._resume()
+        return True
 
     def _park(self) -> None:
         transport: Any = self.writer.transport
         loop: Any = asyncio.get_running_loop()
+        self._parked = True
+        self._swapped = False
         self._was_reading = transport.is_reading()
         if self._was_reading:
             transport.pause_reading()
@@ -169,8 +309,13 @@ class _AsyncWatch:
 
     def _resume(self) -> None:
         transport: Any = self.writer.transport
+        self._parked = False
+        self._swapped = False
         if "write" in vars(transport):
             del transport.write
+        if self._was_reading and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()  # a move rolled back (no swap resumed it)
+        self._was_reading = False
         if self._had_writer and transport._buffer:
             asyncio.get_running_loop()._add_writer(  # type: ignore[attr-defined]
                 self.fd, transport._write_ready)
@@ -178,6 +323,29 @@ class _AsyncWatch:
         held, self._held = self._held, []
         for data in held:
             transport.write(data)
+
+    def _fail(self, reason: str) -> None:
+        """The stream cannot go on intact: end it with an error (a reset, not a FIN)."""
+        transport: Any = self.writer.transport
+        if "write" in vars(transport):
+            del transport.write
+        self._held.clear()
+        self._parked = self._swapped = self._frozen_hold = False
+        abort_on_close(self.fd)
+        error = os_error(errno.ECONNABORTED, reason)
+        if hasattr(transport, "_force_close"):
+            transport._force_close(error)  # the reader sees the error, not an EOF
+        else:
+            transport.abort()
+
+
+def watch_status(writer: asyncio.StreamWriter) -> WatchStatus:
+    """Whether servald can migrate a stream opened by this module now (it is watched), and
+    how many moves and servald restarts (hand-backs) it went through."""
+    watch = _WATCH_OF.get(writer)
+    if watch is None:
+        return WatchStatus(False, 0, 0, False)
+    return watch.status()
 
 
 async def _watch(sock: _stdsocket.socket, writer: asyncio.StreamWriter, info: ConnectionInfo,
@@ -193,13 +361,17 @@ async def _watch(sock: _stdsocket.socket, writer: asyncio.StreamWriter, info: Co
     except (OSError, ServalError):
         return
     try:
-        await client.call("watch", {"events": ["migration"], "flow": info.flow},
-                          fds=[sock.fileno()])
+        answer = await client.call("watch", {"events": ["migration"], "flow": info.flow},
+                                   fds=[sock.fileno()])
     except (OSError, ServalError):
         client.close()
         return
-    watch = _AsyncWatch(client, sock, writer, info.flow)
+    close_fds(answer.fds)
+    state = answer.message.get("state")
+    watch = _AsyncWatch(client, sock, writer, info.flow,
+                        state if isinstance(state, str) and state else None)
     _WATCHES.add(watch)
+    _WATCH_OF[writer] = watch
     asyncio.get_running_loop().create_task(watch.run())
 
 

@@ -38,8 +38,14 @@ read into the gate, to be returned first), acknowledges, and on ``swap`` install
 socket under the same fd number (dup3); reads go on at once, writes after ``resume``. So a
 thread blocked in recv() sleeps through a migration and continues on the new socket. Watched
 sockets do their waiting in `_Gate.call` (poll on the socket and the wake pipe), never inside
-the stdlib call. ``$SERVAL_MIGRATION=0`` opts out. `socket._adopt_fd` remains for engines that
-drive their own swap.
+the stdlib call. ``$SERVAL_MIGRATION=0`` opts out.
+
+servald hands the watcher the flow's sealed state (watch answer, every ``resume``); the watch
+keeps the latest. If servald dies, a parked socket is resumed at once and the agent tries,
+every 0.2-0.5 s for up to ``$SERVAL_ADOPT_WINDOW_S`` (60 s), to hand the flow back to a
+restarted servald (op ``adopt`` with the state and a duplicate of the fd); the flow can then
+migrate again. `socket.watch_status()` says whether a stream is watched and was adopted.
+`socket._adopt_fd` remains for engines that drive their own swap.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import os
 import select
 import selectors
 import socket as _stdsocket
+import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -76,6 +83,7 @@ __all__ = [
     "ConnectionInfo",
     "ServalAddress",
     "ServiceLike",
+    "WatchStatus",
     "create_connection",
     "socket",
     "to_service",
@@ -171,6 +179,93 @@ PARK_QUIESCE_S = 0.5  # an application call leaves the kernel within this (it po
 MAX_DRAIN_READS = 4096
 DRAIN_CHUNK_BYTES = 1 << 20
 
+# Handing a flow back to a restarted servald (op ``adopt``, docs/control-api.md): how long to
+# keep trying after the watch connection ended (``$SERVAL_ADOPT_WINDOW_S`` overrides; 0 turns
+# it off), the pause between attempts (growing from the first to the last value), how long one
+# attempt may wait for servald's answer, and how long a socket the dead servald left frozen
+# (TCP_REPAIR on: it fails every read and write) stays parked waiting for the restarted one
+# to thaw it before the stream is failed.
+ADOPT_WINDOW_ENV = "SERVAL_ADOPT_WINDOW_S"
+DEFAULT_ADOPT_WINDOW_S = 60.0
+ADOPT_FIRST_RETRY_S = 0.2
+ADOPT_MAX_RETRY_S = 0.5
+ADOPT_BACKOFF_FACTOR = 1.5
+ADOPT_REPLY_TIMEOUT_S = 5.0
+HOLD_FROZEN_S = 30.0
+# servald's answers that say this state will never be taken (another key, another socket,
+# the flow live already, no TCP_REPAIR there): stop trying. Anything else is tried again.
+ADOPT_FINAL_ERRNOS = frozenset({errno.EINVAL, errno.EEXIST, errno.ENOTSOCK, errno.ENOTCONN,
+                                errno.EOPNOTSUPP})
+TCP_REPAIR = 19  # linux/tcp.h; reading it needs no privilege
+
+
+def adopt_window_s() -> float:
+    """How long a watch tries to hand its flow back after losing servald."""
+    text = os.environ.get(ADOPT_WINDOW_ENV)
+    if text is None:
+        return DEFAULT_ADOPT_WINDOW_S
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        return DEFAULT_ADOPT_WINDOW_S
+
+
+class AdoptSchedule:
+    """When to try the next `adopt` after losing servald: bounded backoff, bounded total."""
+
+    def __init__(self, now: float) -> None:
+        self.deadline = now + adopt_window_s()
+        self.pause_s = ADOPT_FIRST_RETRY_S
+        self.next_at = now + self.pause_s
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def failed(self, now: float) -> None:
+        self.pause_s = min(self.pause_s * ADOPT_BACKOFF_FACTOR, ADOPT_MAX_RETRY_S)
+        self.next_at = now + self.pause_s
+
+
+def socket_frozen(fd: int) -> bool:
+    """Whether the TCP socket under `fd` is in repair mode (a servald died while moving it)."""
+    try:
+        with _stdsocket.socket(fileno=os.dup(fd)) as sock:
+            return sock.getsockopt(_stdsocket.IPPROTO_TCP, TCP_REPAIR) == 1
+    except OSError:
+        return False
+
+
+def adopt_gives_up(exc: BaseException) -> bool:
+    """Whether a failed `adopt` is final (else: servald not back yet, try again)."""
+    return isinstance(exc, OSError) and exc.errno in ADOPT_FINAL_ERRNOS
+
+
+def abort_on_close(fd: int) -> None:
+    """The stream lost bytes: make its close a reset, so the peer cannot take the end of a
+    stream with a hole in it for a clean end."""
+    try:
+        with _stdsocket.socket(fileno=os.dup(fd)) as sock:
+            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_LINGER,
+                            struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+INTERRUPTED_MIGRATION = "servald died between the swap and the resume of a migration " \
+    "(bytes the peer lacks died with it)"
+FROZEN_TOO_LONG = f"servald died during a migration and left the socket frozen; no " \
+    f"restarted servald took it back within {HOLD_FROZEN_S:g} s"
+
+
+@dataclass(frozen=True)
+class WatchStatus:
+    """Whether servald can migrate a connected stream now, and what happened so far."""
+
+    watched: bool  # a control connection to servald watches the flow
+    migrations: int  # moves completed under this socket
+    adoptions: int  # times a restarted servald took the flow back (op adopt)
+    state_kept: bool  # we hold a sealed state to hand back after a servald restart
+
 
 class _Gate:
     """Parks one connected stream's I/O while servald migrates it.
@@ -191,6 +286,8 @@ class _Gate:
         self.buffer = bytearray()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.migrations = 0
+
+        self.failure: str | None = None  # set with state "failed": every call raises
 
     def blocks(self, writing: bool) -> bool:
         return self.state in ("parking", "parked") or (writing and self.state == "reading")
@@ -238,9 +335,23 @@ class _Gate:
             self.state = "open"
             self.cond.notify_all()
 
+    def fail(self, reason: str) -> None:
+        """The stream cannot go on intact: every call from now on raises ECONNABORTED."""
+        abort_on_close(self.fd)
+        with self.cond:
+            self.state = "failed"
+            self.failure = reason
+            self.buffer.clear()
+            self.cond.notify_all()
+        try:
+            os.write(self.wake_w, b"f")  # a call waiting in poll() leaves and sees it
+        except (BlockingIOError, OSError):
+            pass
+
     def close(self) -> None:
         with self.cond:
-            self.state = "open"
+            if self.state != "failed":
+                self.state = "open"
             self.cond.notify_all()
         for fd in (self.wake_r, self.wake_w):
             try:
@@ -256,6 +367,8 @@ class _Gate:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self.cond:
+                if self.failure is not None:
+                    raise os_error(errno.ECONNABORTED, f"{what}: {self.failure}")
                 while self.blocks(writing):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if timeout == 0.0:
@@ -263,6 +376,8 @@ class _Gate:
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError("timed out")
                     self.cond.wait(remaining)
+                if self.failure is not None:
+                    raise os_error(errno.ECONNABORTED, f"{what}: {self.failure}")
                 if not writing and self.buffer:
                     return None  # the caller serves from the buffer
                 self.active += 1
@@ -293,46 +408,150 @@ class _Gate:
 
 
 class _Watch:
-    """One connected stream's `watch` connection to servald (see `_MigrationAgent`)."""
+    """One connected stream's `watch` connection to servald (see `_MigrationAgent`).
 
-    def __init__(self, gate: _Gate, control: ControlClient, flow: int) -> None:
+    It keeps the flow's latest sealed state (from the watch answer and every ``resume``).
+    When the connection ends while the socket is open -- servald died -- the agent resumes
+    a parked socket at once and then, for up to `adopt_window_s`, tries to hand the flow
+    back to a restarted servald (`try_adopt`); the new connection then serves its
+    migrations. Without a state (a servald without the hand-back) the socket just carries
+    on unwatched, as before.
+    """
+
+    def __init__(self, gate: _Gate, control: ControlClient, flow: int,
+                 state: str | None) -> None:
         self.gate = gate
-        self.control = control
+        self.control: ControlClient | None = control
+        self.control_path = control.path
         self.flow = flow
+        self.state = state
+        self.adoptions = 0
+        self.schedule: AdoptSchedule | None = None  # set while trying to adopt
+        self.hold_until: float | None = None  # parked on a frozen socket, waiting for adopt
+        # `released` (the application closed or detached the socket) is set under `lock`
+        # before the fd is closed, so `try_adopt` never duplicates a closed or reused number.
+        self.lock = threading.Lock()
+        self.released = False
+
+    @property
+    def watching(self) -> bool:
+        control = self.control
+        return control is not None and not control.closed
+
+    def status(self) -> WatchStatus:
+        return WatchStatus(self.watching, self.gate.migrations, self.adoptions,
+                           self.state is not None)
+
+    def keep_state(self, message: Mapping[str, Any]) -> None:
+        state = message.get("state")
+        if isinstance(state, str) and state:
+            self.state = state
 
     def service(self) -> bool:
         """Handle what servald pushed; False when the connection is gone."""
+        control = self.control
+        if control is None:
+            return False
         while True:
             try:
-                frame = self.control.poll_event()
+                frame = control.poll_event()
             except (OSError, ServalError):
                 return False
             if frame is None:
-                return not self.control.closed
-            phase = frame.message.get("phase") if frame.message.get("event") == "migration" \
-                else None
+                return not control.closed
+            message = frame.message
+            phase = message.get("phase") if message.get("event") == "migration" else None
             try:
                 if phase == "park":
                     self.gate.park()
-                    self.control.call("migration_ack", {"flow": self.flow, "phase": "park"})
+                    control.call("migration_ack", {"flow": self.flow, "phase": "park"})
                 elif phase == "swap" and len(frame.fds) == 1:
                     self.gate.swap(frame.fds.pop())
                 elif phase == "resume":
+                    self.keep_state(message)
                     self.gate.resume()
             except (OSError, ServalError):
-                self.gate.resume()
-                return False
+                return False  # servald is gone: `lost` leaves nothing parked
             finally:
                 close_fds(frame.fds)
 
+    def lost(self, now: float) -> None:
+        """The watch connection ended. A parked socket goes on at once (unless the dead
+        servald left it frozen: then only a restarted one can thaw it), and the hand-back
+        starts if we have a state."""
+        control, self.control = self.control, None
+        if control is not None:
+            control.close()
+        gate = self.gate
+        if gate.state == "reading":
+            gate.fail(INTERRUPTED_MIGRATION)
+            return
+        keep_trying = self.state is not None and not self.released and adopt_window_s() > 0
+        if gate.state in ("parking", "parked"):
+            if keep_trying and socket_frozen(gate.fd):
+                self.hold_until = now + HOLD_FROZEN_S
+            else:
+                gate.resume()
+        self.schedule = AdoptSchedule(now) if keep_trying else None
+
+    def try_adopt(self) -> bool | None:
+        """Hand the flow back to servald: True adopted, False not yet (servald not back),
+        None never (refused for good, or the socket is gone)."""
+        assert self.state is not None
+        try:
+            control = ControlClient(self.control_path, reply_timeout_s=ADOPT_REPLY_TIMEOUT_S)
+        except (OSError, ServalError):
+            return False
+        with self.lock:
+            if self.released:
+                control.close()
+                return None
+            try:
+                copy = os.dup(self.gate.fd)
+            except OSError:
+                control.close()
+                return None
+        try:
+            answer = control.call("adopt", {"state": self.state}, fds=[copy])
+        except (OSError, ServalError) as exc:
+            control.close()
+            return None if adopt_gives_up(exc) else False
+        finally:
+            os.close(copy)  # servald holds its own copy now (or refused it)
+        close_fds(answer.fds)
+        self.keep_state(answer.message)
+        self.control = control
+        self.adoptions += 1
+        self.schedule = None
+        if self.hold_until is not None:  # servald thawed the socket: it goes on
+            self.hold_until = None
+            self.gate.resume()
+        return True
+
+    def give_up(self, reason: str | None = None) -> None:
+        """No servald took the flow back: it carries on unwatched (or fails if frozen)."""
+        self.schedule = None
+        self.state = None
+        if self.hold_until is not None:
+            self.hold_until = None
+            self.gate.fail(reason or FROZEN_TOO_LONG)
+
+    def release(self) -> None:
+        """The application closes (or detaches) the socket: never touch its fd again."""
+        with self.lock:
+            self.released = True
+
     def close(self) -> None:
-        self.control.close()
+        control, self.control = self.control, None
+        if control is not None:
+            control.close()
         self.gate.close()
 
 
 class _MigrationAgent:
     """One thread per process serving every watch: parks and resumes sockets even while the
-    application is not in a call (an idle socket must not hold a migration up)."""
+    application is not in a call (an idle socket must not hold a migration up), and hands
+    flows back to a restarted servald (`_Watch.try_adopt`)."""
 
     _instance: _MigrationAgent | None = None
     _instance_lock = threading.Lock()
@@ -343,6 +562,7 @@ class _MigrationAgent:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: list[tuple[str, _Watch]] = []
+        self._adopting: set[_Watch] = set()  # lost servald, trying to hand the flow back
         self._thread = threading.Thread(target=self._run, name="serval-migration",
                                         daemon=True)
         self._thread.start()
@@ -370,7 +590,7 @@ class _MigrationAgent:
 
     def _run(self) -> None:
         while True:
-            for key, _mask in self._selector.select(timeout=None):
+            for key, _mask in self._selector.select(timeout=self._next_timeout()):
                 watch = key.data
                 if watch is None:
                     try:
@@ -380,25 +600,69 @@ class _MigrationAgent:
                         pass
                     continue
                 if not watch.service():
-                    self._unregister(watch)
+                    self._lost(watch)
             with self._lock:
                 pending, self._pending = self._pending, []
             for what, watch in pending:
-                if what == "add" and not watch.control.closed:
-                    try:
-                        self._selector.register(watch.control.fileno(),
-                                                selectors.EVENT_READ, watch)
-                    except (KeyError, ValueError, OSError):
-                        continue
-                    watch.service()  # events that arrived with the watch answer
+                if what == "add":
+                    self._register(watch)
                 elif what == "remove":
                     self._unregister(watch)
+                    self._adopting.discard(watch)
                     watch.close()
+            self._adopt_due()
+
+    def _register(self, watch: _Watch) -> None:
+        control = watch.control
+        if control is None or control.closed:
+            return
+        try:
+            self._selector.register(control.fileno(), selectors.EVENT_READ, watch)
+        except (KeyError, ValueError, OSError):
+            return
+        if not watch.service():  # events that arrived with the watch (adopt) answer
+            self._lost(watch)
 
     def _unregister(self, watch: _Watch) -> None:
         for key in list(self._selector.get_map().values()):
             if key.data is watch:
                 self._selector.unregister(key.fileobj)
+
+    def _lost(self, watch: _Watch) -> None:
+        self._unregister(watch)  # before the fd closes: its number may be reused
+        watch.lost(time.monotonic())
+        if watch.schedule is not None:
+            self._adopting.add(watch)
+
+    def _next_timeout(self) -> float | None:
+        times = [t for watch in self._adopting
+                 for t in (watch.schedule.next_at if watch.schedule else None, watch.hold_until)
+                 if t is not None]
+        return None if not times else max(0.0, min(times) - time.monotonic())
+
+    def _adopt_due(self) -> None:
+        for watch in list(self._adopting):
+            now = time.monotonic()
+            if watch.hold_until is not None and now >= watch.hold_until:
+                self._adopting.discard(watch)
+                watch.give_up(FROZEN_TOO_LONG)
+                continue
+            schedule = watch.schedule
+            if schedule is None:
+                self._adopting.discard(watch)
+                continue
+            if now < schedule.next_at:
+                continue
+            outcome = watch.try_adopt()
+            now = time.monotonic()
+            if outcome is True:
+                self._adopting.discard(watch)
+                self._register(watch)
+            elif outcome is None or schedule.expired(now):
+                self._adopting.discard(watch)
+                watch.give_up()
+            else:
+                schedule.failed(now)
 
 
 def _start_watch(sock: _stdsocket.socket, flow: int | None,
@@ -414,13 +678,16 @@ def _start_watch(sock: _stdsocket.socket, flow: int | None,
         gate.close()
         return None
     try:
-        control.call("watch", {"events": ["migration"], "flow": flow}, fds=[sock.fileno()])
+        answer = control.call("watch", {"events": ["migration"], "flow": flow},
+                              fds=[sock.fileno()])
     except (OSError, ServalError):
         # Migration is an extra: without it the stream works exactly as before.
         control.close()
         gate.close()
         return None
-    watch = _Watch(gate, control, flow)
+    close_fds(answer.fds)
+    state = answer.message.get("state")
+    watch = _Watch(gate, control, flow, state if isinstance(state, str) and state else None)
     _MigrationAgent.get().add(watch)
     return gate, watch
 
@@ -488,6 +755,14 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
             return ServalAddress(self._bound, None)
         local_address = self.info.local[0] if self.info.local else None
         return ServalAddress(self.info.service if self._accepted else None, local_address)
+
+    def watch_status(self) -> WatchStatus:
+        """Whether servald can migrate this connected stream now (it is watched), how many
+        moves and servald restarts (hand-backs) it went through."""
+        watch = self._watch
+        if watch is None:
+            return WatchStatus(False, 0, 0, False)
+        return watch.status()
 
     def getpeername(self) -> ServalAddress:
         """The peer's serviceID and address (ENOTCONN when not connected)."""
@@ -887,6 +1162,7 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
         watch, self._watch = self._watch, None
         self._gate = None
         if watch is not None:
+            watch.release()  # before the fd closes: a hand-back in progress must not dup it
             # The agent thread closes the watch connection (servald then drops its copy of
             # the socket) and the gate: it may be in the middle of parking this very socket.
             _MigrationAgent.get().remove(watch)
