@@ -20,168 +20,47 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from translator_testlib import (
-    DOMAIN_KEY,
-    Nginx,
-    TranslatorProcess,
-    python_env,
-    servald_router,
-    sha256_file,
-    stop_process,
-    wait_until,
+from chain_testlib import (
+    Chain,
+    ChainSettings,
+    Download,
+    front_appliance,
+    metric_value,
+    migration_chain,
+    servalctl,
+    watched_flows,
 )
+from translator_testlib import TranslatorProcess, wait_until
 
 pytestmark = [pytest.mark.netns]
 
-HTTP_PORT = 8092
-METRICS_PORT = 9466
 FILE_BYTES = 96 * 1024 * 1024
-RATE = "12M"  # curl --limit-rate: ~8 s for the file; the kill and the move happen early on
 KILL_AFTER_BYTES = 12 * 1024 * 1024
-DOWNLOAD_TIMEOUT_S = 90
 MIGRATE_TIMEOUT_S = 20
+SETTINGS = ChainSettings(prefix="svtadp", service="files-adopt.example", http_port=8092,
+                         metrics_port=9466, file_bytes=FILE_BYTES,
+                         rate="12M",  # curl --limit-rate: ~8 s; the kill and move come early
+                         restart_backoff_s=0.2)
 RESTART_TIMEOUT_S = 30
 RST_COUNTERS = ("Tcp.OutRsts", "TcpExt.TCPAbortOnData", "TcpExt.TCPAbortOnClose",
                 "TcpExt.TCPAbortOnTimeout", "TcpExt.TCPAbortOnLinger", "TcpExt.TCPAbortFailed")
 
 
-def _topology() -> Any:
-    from serval import topology
-
-    return topology
-
-
-@dataclass
-class Chain:
-    topo: Any
-    workdir: Path
-    exporter: TranslatorProcess
-    file_sha: str
-    router_address: str
-
-    @property
-    def a_address(self) -> str:
-        return str(self.topo["a"].address("c-a"))
-
-
-def stack_section(run: Path, router_address: str) -> dict[str, Any]:
-    return {"mode": "bundled", "control_socket": str(run / "servald.sock"),
-            "restart": {"backoff_initial_s": 0.2},
-            "servald": {"routers": [router_address], "domain_key": DOMAIN_KEY}}
-
-
-def exporter_config(workdir: Path, router_address: str) -> dict[str, Any]:
-    run = workdir / "e-run"
-    return {
-        "exporters": [{"name": "files", "service": "files-adopt.example",
-                       "target": f"127.0.0.1:{HTTP_PORT}"}],
-        "stack": stack_section(run, router_address),
-        "logging": {"format": "json"},
-        "metrics": {"address": f"127.0.0.1:{METRICS_PORT}"},
-        "status": {"socket": str(run / "status.sock")},
-        "relay": {"workers": 2},
-        "runtime_dir": str(run),
-    }
-
-
-def front_config(workdir: Path, router_address: str) -> dict[str, Any]:
-    run = workdir / "a-run"
-    return {
-        "listeners": [{"name": "files", "port": 80, "service": "files-adopt.example",
-                       "connect_timeout_s": 5}],
-        "stack": stack_section(run, router_address),
-        "logging": {"format": "json"},
-        "metrics": {"address": f"127.0.0.1:{METRICS_PORT}"},
-        "status": {"socket": str(run / "status.sock")},
-        "relay": {"workers": 2},
-        "runtime_dir": str(run),
-    }
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    if not Nginx.available():
-        pytest.fail("nginx is required for the appliance tests (scripts/install-deps.sh)")
-    topology = _topology()
-    workdir = tmp_path_factory.mktemp("adopt")
-    spec = topology.TopologySpec(
-        hosts=("c", "a", "r", "e"),
-        lans=(topology.LanSpec("dc", ("r", "a", "e")),),
-        links=(topology.LinkSpec("c", "a"),),
-        ipv6=False,
-    )
-    with topology.Topology(spec, prefix="svtadp") as topo:
-        # Small buffers between the legacy client and the front appliance: the paced download
-        # paces the Serval hop too, so the kill and the move happen with the transfer in flight.
-        topo["c"].sysctl("ipv4/tcp_rmem", "4096 65536 262144")
-        topo["a"].sysctl("ipv4/tcp_wmem", "4096 65536 262144")
-        router = servald_router(topo["r"], workdir)
-        router_address = str(topo["r"].address("dc"))
-        nginx = Nginx(workdir, HTTP_PORT, HTTP_PORT + 1)
-        payload = nginx.docroot / "file.bin"
-        payload.write_bytes(os.urandom(FILE_BYTES))
-        e = topo["e"]
-        nginx.start(popen=e.popen, probe=lambda check: bool(e.call(check)))
-        exporter = TranslatorProcess(workdir, "e", exporter_config(workdir, router_address),
-                                     popen=e.popen, env=e.env())
-        exporter.start()
-        wait_until(lambda: all(x["listening"] for x in exporter.status()["exporters"]), 20,
-                   "the exporter to listen")
-        try:
-            yield Chain(topo, workdir, exporter, sha256_file(payload), router_address)
-        finally:
-            exporter.stop()
-            nginx.stop()
-            stop_process(router)
+    with migration_chain(SETTINGS, tmp_path_factory.mktemp("adopt")) as built:
+        yield built
 
 
 @pytest.fixture
 def front(chain: Chain, tmp_path: Path) -> Iterator[TranslatorProcess]:
-    a = chain.topo["a"]
-    process = TranslatorProcess(tmp_path, "a", front_config(tmp_path, chain.router_address),
-                                popen=a.popen, env=a.env())
-    process.start()
-    try:
+    with front_appliance(chain, tmp_path) as process:
         yield process
-    finally:
-        code = process.stop()
-        assert code in (0, None), process.log()
-
-
-def control_socket(process: TranslatorProcess) -> str:
-    return str(process.config["stack"]["control_socket"])
-
-
-def watched_flows(process: TranslatorProcess) -> list[dict[str, Any]]:
-    from serval.control import ControlClient
-
-    try:
-        with ControlClient(control_socket(process), reply_timeout_s=5.0) as client:
-            flows = client.request("flows").message.get("flows") or []
-    except OSError:
-        return []  # servald is down (being restarted)
-    return [flow for flow in flows if flow.get("watched")]
-
-
-def metric_value(chain: Chain, host: str, metric: str, **labels: str) -> float:
-    text = str(chain.topo[host].run(["curl", "-sS", "--max-time", "10",
-                                     f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout)
-    total = 0.0
-    for line in text.splitlines():
-        if (line.startswith(metric + "{") or line.startswith(metric + " ")) and \
-                all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def rst_counters(chain: Chain) -> dict[str, int]:
@@ -194,49 +73,6 @@ def rst_counters(chain: Chain) -> dict[str, int]:
         for name in (*RST_COUNTERS, *(("Tcp.EstabResets",) if host == "c" else ())):
             counters[f"{host}:{name}"] = values.get(name, 0)
     return counters
-
-
-class Download:
-    """curl on the legacy client, paced."""
-
-    def __init__(self, chain: Chain, out: Path) -> None:
-        self.chain = chain
-        self.out = out
-        self.process: subprocess.Popen[str] = chain.topo["c"].popen(
-            ["curl", "-sS", "--max-time", str(DOWNLOAD_TIMEOUT_S), "--limit-rate", RATE,
-             "-o", str(out), "-w", "%{http_code}", f"http://{chain.a_address}/file.bin"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def received(self) -> int:
-        return self.out.stat().st_size if self.out.exists() else 0
-
-    def wait_for_bytes(self, count: int) -> None:
-        def enough() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"curl ended early: {self.process.returncode}")
-            return self.received() >= count
-
-        wait_until(enough, 30, f"{count >> 20} MiB of the download")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def assert_intact(self) -> None:
-        stdout, stderr = self.process.communicate(timeout=DOWNLOAD_TIMEOUT_S + 10)
-        assert self.process.returncode == 0, f"curl failed: {stderr}"
-        assert stdout.strip() == "200"
-        assert self.received() == FILE_BYTES
-        assert sha256_file(self.out) == self.chain.file_sha, "download corrupted"
-
-
-def servalctl(host: Any, process: TranslatorProcess,
-              *args: str) -> subprocess.CompletedProcess[str]:
-    result: subprocess.CompletedProcess[str] = host.run(
-        [sys.executable, "-m", "serval.host.ctl", "--control-socket", control_socket(process),
-         *args], check=False, env=python_env(host.env()), timeout=MIGRATE_TIMEOUT_S + 10)
-    return result
 
 
 def kill_servald(process: TranslatorProcess) -> int:
