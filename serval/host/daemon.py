@@ -87,7 +87,7 @@ DEFAULT_CONNECT_PRIORITY = 0
 # Flows per `flows` answer (the op is paged: offset/limit/next); 200 flows stay below 64 KiB.
 FLOWS_PAGE_DEFAULT = 100
 FLOWS_PAGE_MAX = 200
-PROFILE_ENV = "SERVALD_PROFILE"  # path: run under cProfile, write the stats there at exit
+PROFILE_ENV = "SERVALD_PROFILE"  # path ("{pid}" expands): run under cProfile, stats at exit
 
 
 def _service_arg(message: Message, name: str = "service") -> ServiceID:
@@ -1452,7 +1452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     profile_path = os.environ.get(PROFILE_ENV)
     if profile_path:
-        return _run_profiled(config, profile_path)
+        # "{pid}" in the path: one file per servald when several share an environment.
+        return _run_profiled(config, profile_path.replace("{pid}", str(os.getpid())))
     try:
         return asyncio.run(_amain(config))
     except KeyboardInterrupt:
