@@ -754,7 +754,7 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
         if self.info is None:
             return ServalAddress(self._bound, None)
         local_address = self.info.local[0] if self.info.local else None
-        return ServalAddress(self.info.service if self._accepted else None, local_address)
+        return ServalAddress(self.info.service if self._accepted else self._bound, local_address)
 
     def watch_status(self) -> WatchStatus:
         """Whether servald can migrate this connected stream now (it is watched), how many
@@ -810,6 +810,10 @@ class socket:  # lower-case like socket.socket: used as `serval.socket(...)`
                 raise os_error(errno.EINVAL, "a listening serval socket cannot connect")
             target = to_service(service)
             fields: dict[str, Any] = {"service": str(target), "type": "stream"}
+            if self._bound is not None:
+                # Bound first: the SYN names our serviceID (SOURCE extension), and the peer's
+                # accept reports it as the connection's source service.
+                fields["source"] = str(self._bound)
             if self._timeout:
                 fields["timeout_s"] = self._timeout
             if mode is not None:

@@ -145,6 +145,26 @@ CONNECT_ANSWER = {
 # ==========================================================================================
 
 
+def test_a_bound_stream_names_its_service_as_the_source(
+    fake: FakeServald, tcp_pair: tuple[stdsocket.socket, stdsocket.socket]
+) -> None:
+    ours, _ = tcp_pair
+    client_service = ServiceID.parse("client.example")
+
+    def script(conn: stdsocket.socket) -> None:
+        request = fake.expect("connect", conn)
+        fake.answer(conn, request, (ours.fileno(),), **CONNECT_ANSWER)
+        wait_closed(conn)
+
+    fake.scripts.append(script)
+    with serval.socket(serval.SOCK_STREAM, control_socket=fake.path) as sock:
+        sock.settimeout(3)
+        sock.bind("client.example")
+        sock.connect(SERVICE)
+        assert fake.requests[0]["source"] == str(client_service)
+        assert sock.getsockname().service == client_service
+
+
 def test_connect_uses_the_passed_tcp_fd(
     fake: FakeServald, tcp_pair: tuple[stdsocket.socket, stdsocket.socket]
 ) -> None:
