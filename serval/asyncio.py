@@ -33,6 +33,7 @@ from typing import Any
 from serval.control import AsyncControlClient, Frame, close_fds, control_socket_path, os_error
 from serval.core.ids import ServiceID
 from serval.errors import ControlProtocolError, ServalError
+from serval.host.repair import in_repair_mode
 from serval.socket import (
     ADOPT_REPLY_TIMEOUT_S,
     CONNECT_REPLY_MARGIN_S,
@@ -47,7 +48,6 @@ from serval.socket import (
     abort_on_close,
     adopt_gives_up,
     adopt_window_s,
-    socket_frozen,
     to_service,
 )
 
@@ -221,7 +221,7 @@ class _AsyncWatch:
             return False
         keep_trying = self.state is not None and adopt_window_s() > 0
         if self._parked:
-            if keep_trying and socket_frozen(self.fd):
+            if keep_trying and in_repair_mode(self.fd):
                 self._frozen_hold = True
             else:
                 self._resume()

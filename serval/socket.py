@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
 import os
 import select
@@ -75,6 +76,7 @@ from serval.control import (
 )
 from serval.core.ids import ServiceID
 from serval.errors import ControlProtocolError, ServalError, ServiceIDError
+from serval.host.repair import in_repair_mode
 
 __all__ = [
     "MAX_DATAGRAM_BYTES",
@@ -196,7 +198,6 @@ HOLD_FROZEN_S = 30.0
 # the flow live already, no TCP_REPAIR there): stop trying. Anything else is tried again.
 ADOPT_FINAL_ERRNOS = frozenset({errno.EINVAL, errno.EEXIST, errno.ENOTSOCK, errno.ENOTCONN,
                                 errno.EOPNOTSUPP})
-TCP_REPAIR = 19  # linux/tcp.h; reading it needs no privilege
 
 
 def adopt_window_s() -> float:
@@ -224,15 +225,6 @@ class AdoptSchedule:
     def failed(self, now: float) -> None:
         self.pause_s = min(self.pause_s * ADOPT_BACKOFF_FACTOR, ADOPT_MAX_RETRY_S)
         self.next_at = now + self.pause_s
-
-
-def socket_frozen(fd: int) -> bool:
-    """Whether the TCP socket under `fd` is in repair mode (a servald died while moving it)."""
-    try:
-        with _stdsocket.socket(fileno=os.dup(fd)) as sock:
-            return sock.getsockopt(_stdsocket.IPPROTO_TCP, TCP_REPAIR) == 1
-    except OSError:
-        return False
 
 
 def adopt_gives_up(exc: BaseException) -> bool:
@@ -343,10 +335,8 @@ class _Gate:
             self.failure = reason
             self.buffer.clear()
             self.cond.notify_all()
-        try:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
             os.write(self.wake_w, b"f")  # a call waiting in poll() leaves and sees it
-        except (BlockingIOError, OSError):
-            pass
 
     def close(self) -> None:
         with self.cond:
@@ -488,7 +478,7 @@ class _Watch:
             return
         keep_trying = self.state is not None and not self.released and adopt_window_s() > 0
         if gate.state in ("parking", "parked"):
-            if keep_trying and socket_frozen(gate.fd):
+            if keep_trying and in_repair_mode(gate.fd):
                 self.hold_until = now + HOLD_FROZEN_S
             else:
                 gate.resume()

@@ -58,6 +58,7 @@ from serval.control import (
     validate_response,
 )
 from serval.errors import ControlProtocolError, ServalError
+from serval.host.repair import in_repair_mode
 from splice_ext import Side
 from translator.relay import Connection, RelayPool
 from translator.stack import servald_presence
@@ -73,7 +74,6 @@ ADOPT_RETRY_PAUSE_S = 0.5
 # the restarted servald to thaw it (op adopt); then it is aborted: a frozen socket fails every
 # read and write, so resuming it would only end the pair with an error.
 HOLD_FROZEN_S = 30.0
-_TCP_REPAIR = 19
 
 
 def offers_migration(message: dict[str, Any]) -> bool:
@@ -483,13 +483,7 @@ class FlowWatch:
 
     def _frozen(self) -> bool:
         fd = self.connection.serval_fd
-        if fd is None:
-            return False
-        try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                return sock.getsockopt(socket.IPPROTO_TCP, _TCP_REPAIR) == 1
-        except OSError:
-            return False
+        return fd is not None and in_repair_mode(fd)
 
     def _hold_expired(self) -> None:
         self._hold = None

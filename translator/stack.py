@@ -402,10 +402,9 @@ class ServaldPresence:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         try:
-            async with asyncio.timeout(timeout_s):
-                await future
-        except TimeoutError:
-            pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await future
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(future)

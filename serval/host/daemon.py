@@ -59,7 +59,7 @@ from serval.errors import (
     ServiceIDError,
     ServiceTableError,
 )
-from serval.host import flowstate
+from serval.host import flowstate, repair
 from serval.host.config import ServaldConfig, config_from_args, parse_endpoint
 from serval.host.control_server import ControlServer, ControlSession, OpError
 from serval.host.dataplane import (
@@ -1070,27 +1070,14 @@ class Servald:
             raise OpError(errno.EINVAL, f"watch of flow {flow}: the request must carry the "
                                         "flow's socket (fds=1)")
         fd = session.received_fds[0]
-        try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError as exc:
-            raise OpError(errno.EINVAL, f"watch of flow {flow}: not a socket: {exc}") from None
-        with sock:
-            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
-                                                                      socket.AF_INET6):
-                raise OpError(errno.EINVAL, f"watch of flow {flow}: not a TCP socket")
-            try:
-                local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
-            except OSError:
-                raise OpError(errno.ENOTCONN, f"watch of flow {flow}: socket not connected") \
-                    from None
+        local, remote = _established_endpoints(fd, f"watch of flow {flow}")
         taken = self.engine.take_established(flow)
         if taken is None:
             raise OpError(errno.ENOENT, f"flow {flow}: no established stream flow of this host "
                                         "to watch (unknown, failed, or already watched)")
         flow_object, role, mode = taken
         session.received_fds.remove(fd)
-        self._manage(session, flow_object, fd, role, mode,
-                     (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1])))
+        self._manage(session, flow_object, fd, role, mode, local, remote)
         self.counters.inc("migration.watched")
         return self._watch_answer(flow)
 
@@ -1182,7 +1169,7 @@ class Servald:
                                         f"{_endpoint_text(sealed.remote)}")
         if flow in self.watched or self.migration.owns(flow):
             raise OpError(errno.EEXIST, f"adopt of flow {flow}: the flow is already live here")
-        thawed = _thaw_orphan(fd)
+        thawed = repair.thaw_orphan(fd)
         if thawed is not None:
             self.counters.inc("migration.adopt_thawed")
             self.log.warning("adopt_thawed", flow=flow, found=thawed,
@@ -1368,36 +1355,6 @@ def _established_endpoints(fd: int, subject: str) -> tuple[tuple[str, int], tupl
                                           f"(kernel TCP state {state})")
     return _canonical((str(local[0]), int(local[1]))), _canonical((str(remote[0]),
                                                                    int(remote[1])))
-
-
-_SO_DETACH_FILTER = 27  # SOL_SOCKET options
-_TCP_REPAIR = 19
-_TCP_REPAIR_QUEUE = 20
-
-
-def _thaw_orphan(fd: int) -> str | None:
-    """Undo what a servald that died mid-migration left on the socket; what it found.
-
-    The migration engine locks a socket's input (drop-all filter) before parking and freezes
-    it (repair mode, send window zeroed) before the dump; its rollback needs the window it
-    saved, which died with it. Here: filter off, repair off (TCP_REPAIR_OFF sends a window
-    probe; the peer's answer re-opens the send window). Nothing was swapped yet (a swap
-    happens after the peer built its new socket), so the old socket is the right one.
-    """
-    found: list[str] = []
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
-            found.append("input lock")
-        except OSError:
-            pass  # ENOENT: no filter, the usual case
-        with contextlib.suppress(OSError):
-            if sock.getsockopt(socket.IPPROTO_TCP, _TCP_REPAIR) == 1:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR_QUEUE, 0)
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 0)
-                found.append("repair mode")
-    return " and ".join(found) or None
 
 
 def socket_loopback() -> Address:

@@ -717,6 +717,40 @@ def _leave_repair(fd: int, *, window_probe: bool) -> None:
         _set_int(fd, socket.SOL_SOCKET, SO_REUSEADDR, 1)
 
 
+def in_repair_mode(sock: SocketLike) -> bool:
+    """Whether the socket is in repair mode: frozen by a migration (possibly by a servald that
+    died during it). Reading the option needs no privilege; False for anything not TCP."""
+    try:
+        return _get_u32(_fd(sock), SOL_TCP, TCP_REPAIR) == 1
+    except OSError:
+        return False
+
+
+def thaw_orphan(sock: SocketLike) -> str | None:
+    """Undo what a servald that died mid-migration left on the socket; says what it found.
+
+    freeze() locks a socket's input (drop-all filter) and puts it in repair mode with its send
+    window zeroed; rollback() needs the window freeze() saved, which died with that servald.
+    Here: filter off, repair off (TCP_REPAIR_OFF sends a window probe; the peer's answer opens
+    the send window again). Nothing was swapped yet (a swap follows the peer's rebuild), so the
+    old socket is the right one to go on with. Needs CAP_NET_ADMIN for the repair part.
+    """
+    fd = _fd(sock)
+    found: list[str] = []
+    try:
+        _setsockopt(fd, socket.SOL_SOCKET, SO_DETACH_FILTER, _INT.pack(0))
+        found.append("input lock")
+    except OSError:
+        pass  # ENOENT: no filter, the usual case
+    if in_repair_mode(fd):
+        with contextlib.suppress(OSError):
+            _select_queue(fd, TCP_NO_QUEUE)
+        with contextlib.suppress(OSError):
+            _set_repair(fd, TCP_REPAIR_OFF)
+            found.append("repair mode")
+    return " and ".join(found) or None
+
+
 def discard(sock: socket.socket) -> None:
     """Close a socket without a trace on the wire: repair mode first, so no FIN and no RST."""
     with contextlib.suppress(OSError):

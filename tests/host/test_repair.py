@@ -713,3 +713,34 @@ def test_dump_needs_a_frozen_socket(pair: Topology) -> None:
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.netns
+def test_thaw_orphan_undoes_a_freeze_whose_servald_died(pair: Topology) -> None:
+    """What `adopt` finds on a socket whose servald died mid-migration: the input lock and
+    repair mode are removed, and the connection carries data both ways again."""
+    a, b = pair["a"], pair["b"]
+    _, b_ip = _addresses(a, b, 4)
+    with b.enter():
+        listener = socket.create_server((b_ip, SERVICE_PORT))
+    with a.enter():
+        client = socket.create_connection((b_ip, SERVICE_PORT), timeout=IO_TIMEOUT_S)
+    server, _ = listener.accept()
+    listener.close()
+    try:
+        assert not repair.in_repair_mode(client) and repair.thaw_orphan(client) is None
+        with a.enter():
+            repair.freeze(client)  # ... and the servald that froze it is gone
+        assert repair.in_repair_mode(client)
+        with a.enter():
+            assert repair.thaw_orphan(client) == "input lock and repair mode"
+        assert not repair.in_repair_mode(client)
+        client.sendall(b"after")
+        server.settimeout(IO_TIMEOUT_S)
+        assert server.recv(100) == b"after"
+        server.sendall(b"back")
+        assert client.recv(100) == b"back"
+        _no_resets(a, b)
+    finally:
+        client.close()
+        server.close()
