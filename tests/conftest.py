@@ -8,6 +8,7 @@ are skipped with the reason below (the collection hook adds the skip), so a plai
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,3 +68,13 @@ def topology() -> Iterator[TopologyFactory]:
 def pair(topology: TopologyFactory) -> Topology:
     """Hosts 'a' and 'b' on one point-to-point link, IPv4 and IPv6."""
     return topology(TopologySpec.pair())
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two ends of a real loopback TCP connection: what servald would pass, and its peer."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    with client, accepted:
+        yield client, accepted

@@ -119,18 +119,6 @@ def wait_closed(conn: stdsocket.socket) -> None:
     assert recv_frame(conn) is None
 
 
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[stdsocket.socket, stdsocket.socket]]:
-    """Two ends of a real loopback TCP connection: what servald would pass, and its peer."""
-    listener = stdsocket.create_server(("127.0.0.1", 0))
-    client = stdsocket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
-    yield client, server
-    client.close()
-    server.close()
-
-
 CONNECT_ANSWER = {
     "flow": 1234,
     "local": {"address": "10.0.0.1", "port": 40000},

@@ -9,20 +9,14 @@ another address. Then the same on b, for the asyncio server (whose state must be
 first move handed it: the move changed its socket's 4-tuple). Both transfers must arrive
 byte-exact (sha256), no kernel may count a reset, and each application must report its stream
 watched again, adopted once and swapped twice (each move swaps both ends). The applications
-contain no migration code: the library does it underneath them. This file is also the
-applications' program (`python test_library_adopt.py ROLE ...`).
+contain no migration code: the library does it underneath them (library_apps.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,121 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from library_apps import app_result, start_app
 
 from serval.control import Frame, close_fds, recv_frame, send_frame
 from serval.host.migration_lab import (
-    REPOSITORY_ROOT,
-    SERVALD_SERVICE,
     ServaldProcess,
     assert_no_resets,
-    digest_of,
-    random_bytes,
 )
 from serval.socket import WatchStatus
-from serval.topology import Host, Shaping, Topology, TopologySpec
+from serval.topology import Shaping, Topology, TopologySpec
 
 # 200 MiB each way at 100 Mbit/s: ~17 s, room for two kills, restarts and moves in flight.
 BULK_BYTES = 200 << 20
 RATE = "100mbit"
-CHUNK_BYTES = 1 << 20
 APP_TIMEOUT_S = 150.0
 WATCH_TIMEOUT_S = 15.0
 ADOPT_TIMEOUT_S = 20.0
-
-
-# --------------------------------------------------------------------------------------------
-# the applications (no migration code in them)
-
-
-def _status(status: Any) -> dict[str, object]:
-    return {"watched": status.watched, "migrations": status.migrations,
-            "adoptions": status.adoptions}
-
-
-def blocking_client(size: int, seed_out: int, seed_in: int) -> dict[str, object]:
-    import serval
-
-    data = random_bytes(seed_out, size)
-    expected = digest_of(seed_in, size)
-    sock = serval.create_connection(SERVALD_SERVICE)
-    received = 0
-    digest = hashlib.sha256()
-    errors: list[BaseException] = []
-
-    def reader() -> None:
-        nonlocal received
-        try:
-            while received < size:
-                chunk = sock.recv(CHUNK_BYTES)  # blocks across kills, adoptions and moves
-                if not chunk:
-                    break
-                digest.update(chunk)
-                received += len(chunk)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
-    thread.join(APP_TIMEOUT_S)
-    result = {"received": received, "ok": digest.hexdigest() == expected and not errors,
-              "errors": [repr(e) for e in errors], **_status(sock.watch_status())}
-    sock.close()
-    return result
-
-
-async def asyncio_server(size: int, seed_out: int, seed_in: int) -> dict[str, object]:
-    import serval.asyncio
-
-    data = random_bytes(seed_out, size)
-    expected = digest_of(seed_in, size)
-    result: dict[str, object] = {}
-    done = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async def send() -> None:
-            view = memoryview(data)
-            for offset in range(0, size, CHUNK_BYTES):
-                writer.write(view[offset:offset + CHUNK_BYTES])
-                await writer.drain()
-            writer.write_eof()
-
-        digest = hashlib.sha256()
-        received = 0
-        sender = asyncio.ensure_future(send())
-        errors: list[str] = []
-        try:
-            while True:
-                chunk = await reader.read(CHUNK_BYTES)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                received += len(chunk)
-            await sender
-        except Exception as exc:
-            errors.append(repr(exc))
-        result.update(received=received, ok=digest.hexdigest() == expected and not errors,
-                      errors=errors, **_status(serval.asyncio.watch_status(writer)))
-        writer.close()
-        done.set()
-
-    server = await serval.asyncio.start_server(handle, SERVALD_SERVICE)
-    print("listening", flush=True)
-    async with asyncio.timeout(APP_TIMEOUT_S):
-        await done.wait()
-    server.close()
-    return result
-
-
-def _main(argv: list[str]) -> int:
-    role, size, seed_out, seed_in = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    if role == "blocking-client":
-        result = blocking_client(size, seed_out, seed_in)
-    else:
-        result = asyncio.run(asyncio_server(size, seed_out, seed_in))
-    print(json.dumps(result), flush=True)
-    return 0 if result.get("ok") else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,22 +84,6 @@ def servalds(topology: Callable[..., Topology], tmp_path: Path) -> Iterator[Serv
         daemons.stop()
 
 
-def _app(host: Host, role: str, seed_out: int, seed_in: int) -> subprocess.Popen[str]:
-    env = host.env()
-    env["PYTHONPATH"] = str(REPOSITORY_ROOT)
-    return host.popen([sys.executable, os.path.abspath(__file__), role, str(BULK_BYTES),
-                       str(seed_out), str(seed_in)], env=env, stdout=subprocess.PIPE,
-                      text=True)
-
-
-def _result(process: subprocess.Popen[str]) -> dict[str, object]:
-    out, _ = process.communicate(timeout=APP_TIMEOUT_S)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    assert lines, f"no result (exit {process.returncode}): {out[-2000:]}"
-    result: dict[str, object] = json.loads(lines[-1])
-    return result
-
-
 def _watched(daemon: ServaldProcess) -> list[dict[str, Any]]:
     try:
         flows: list[dict[str, Any]] = daemon.request("flows")["flows"]
@@ -247,10 +126,10 @@ def test_blocking_and_asyncio_applications_hand_flows_back_after_servald_restart
     topo = servalds.topology
     a, b = topo["a"], topo["b"]
     new_a, new_b = str(topo.add_address("a", "a-b")), str(topo.add_address("b", "a-b"))
-    server = _app(b, "asyncio-server", 2, 1)
+    server = start_app(b, "asyncio-server", BULK_BYTES, 2, 1, APP_TIMEOUT_S)
     assert server.stdout is not None
     assert server.stdout.readline().strip() == "listening"
-    client = _app(a, "blocking-client", 1, 2)
+    client = start_app(a, "blocking-client", BULK_BYTES, 1, 2, APP_TIMEOUT_S)
     try:
         flows: dict[str, int] = {}
 
@@ -272,7 +151,8 @@ def test_blocking_and_asyncio_applications_hand_flows_back_after_servald_restart
         _wait_moved(servalds.running["b"], flows["b"], 1)  # a new servald counts afresh
         _wait_moved(servalds.running["a"], flows["a"], 2)
         assert client.poll() is None and server.poll() is None
-        client_result, server_result = _result(client), _result(server)
+        client_result = app_result(client, APP_TIMEOUT_S)
+        server_result = app_result(server, APP_TIMEOUT_S)
     finally:
         for process in (client, server):
             if process.poll() is None:
@@ -352,17 +232,6 @@ def fake(tmp_path: Path) -> Iterator[FakeServald]:
         server.close()
     if server.errors:
         raise server.errors[0]
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
-    yield client, server
-    client.close()
-    server.close()
 
 
 FLOW = 1234
@@ -519,6 +388,3 @@ def test_without_a_state_the_socket_carries_on_unwatched(
     assert fake.scripts, "the library tried to adopt without a state"
     fake.scripts.clear()
 
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -44,15 +43,6 @@ class StandInRelay:
     def abort(self, connection: Connection, reason: str) -> bool:
         self.calls.append(("abort", reason))
         return True
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        client = socket.create_connection(server.getsockname())
-        accepted, _ = server.accept()
-    with client, accepted:
-        yield client, accepted
 
 
 def make_watch(relay: StandInRelay, serval_fd: int) -> FlowWatch:
