@@ -101,6 +101,8 @@ HAPROXY = "/usr/sbin/haproxy"
 SOCAT = "/usr/bin/socat"
 IPERF3 = "/usr/bin/iperf3"
 PERF = "/usr/bin/perf"
+CC = "/usr/bin/gcc"
+C_RELAY_SOURCE = BENCH_DIR / "c_splice_relay.c"
 SHAPED_RATE = "1gbit"
 BYTES_PER_GB = 1e9
 
@@ -186,6 +188,13 @@ def relay_kinds(
         for index, (name, flags) in enumerate(engine_variants)
     ]
     kinds += [
+        RelayKind(
+            "c-splice",
+            "minimal C splice loop",
+            7006,
+            f"benchmarks/c_splice_relay.c (gcc -O2): one thread, edge-triggered epoll, pipes "
+            f"{pipe_size} B, TCP_NODELAY, nothing else: the issue's reference loop",
+        ),
         RelayKind(
             "haproxy-splice",
             "HAProxy splice",
@@ -355,6 +364,14 @@ def haproxy_config(
     )
 
 
+def build_c_relay(work_dir: Path) -> Path:
+    """Compile the reference C loop once per benchmark run (it is never committed as a binary)."""
+    binary = work_dir / "c_splice_relay"
+    if not binary.exists():
+        subprocess.run([CC, "-O2", "-Wall", "-o", str(binary), str(C_RELAY_SOURCE)], check=True)
+    return binary
+
+
 def start_relay(
     scenario: Scenario,
     kind: RelayKind,
@@ -406,6 +423,15 @@ def start_relay(
         config_path = work_dir / f"{tag}.cfg"
         config_path.write_text(config)
         argv = [HAPROXY, "-db", "-f", str(config_path)]
+    elif kind.name == "c-splice":
+        argv = [
+            str(build_c_relay(work_dir)),
+            listen_address,
+            str(listen_port),
+            server_address,
+            str(origin_port),
+            str(options.pipe_size),
+        ]
     elif kind.name == "socat":
         argv = [
             SOCAT,
@@ -1174,7 +1200,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise SystemExit("relay_bench.py needs root (network namespaces)")
-    for tool in (HAPROXY, SOCAT, IPERF3):
+    for tool in (HAPROXY, SOCAT, IPERF3, CC):
         if not Path(tool).exists():
             raise SystemExit(f"missing {tool}")
 
@@ -1218,7 +1244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.scenarios:
         scenario_defs = [d for d in scenario_defs if d[0] in options.scenarios]
     profiled = [k for k in kinds
-                if k.is_engine or k.name in ("haproxy-splice", "haproxy-splice-1m")]
+                if k.is_engine or k.name in ("c-splice", "haproxy-splice", "haproxy-splice-1m")]
     # HAProxy's idle-pair memory is context for the engine's; --quick measures the engine only.
     memory_names = ("engine",) if options.quick else ("engine", "haproxy-splice")
     memory_kinds = [k for k in kinds if k.name in memory_names]
