@@ -22,6 +22,9 @@ ctypedef struct Direction:
     uint64_t bytes                # delivered to the destination (relaxed atomic)
     double last_input             # CLOCK_MONOTONIC of the last read that moved bytes
     double lowat_hold_s           # while DIR_LOWAT: clear the mark after this long without input
+    double lowat_armed_at         # while DIR_LOWAT: when it was raised (cleared for review later)
+    double rate_window_start      # without DIR_LOWAT: the input rate is measured over windows
+    uint64_t rate_window_bytes    # of LOWAT_RATE_WINDOW_S (see consider_lowat)
     char* buffer                  # copy-mode buffer, allocated the first time it is needed
     int pipe_read                 # -1 while no pipe is attached (idle directions hold none)
     int pipe_write

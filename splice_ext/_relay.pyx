@@ -109,9 +109,19 @@ cdef uint64_t LOW32 = 0xFFFFFFFFULL
 # After pipe2() fails (EMFILE, ENFILE), do not retry it for this long: the copy path serves in
 # the meantime and we do not pay a failing syscall per read.
 cdef double PIPE_RETRY_S = 0.1
-# Shortest hold of a raised SO_RCVLOWAT: below it the timer would fire before a wake-up's worth
-# of scheduling noise has passed, and clear marks of streams that are still flowing.
-cdef double LOWAT_MIN_HOLD_S = 0.0005
+# A stream that brings lowat bytes faster than this is left alone: at such rates the worker
+# is rarely asleep when bytes arrive, so the mark saves few wake-ups, and with it the sender
+# was measured 25-30% slower (reno, ~28 Gbit/s over veth; benchmarks/README.md). 0.5 ms is
+# about 4 Gbit/s for the default 256 KiB.
+cdef double LOWAT_MIN_FILL_S = 0.0005
+# The input rate that decides is measured over this long: one wake-up's rate is noisy (a late
+# wake-up makes a fast stream look paced), 10 ms of a 1 Gbit/s stream is ~20 bursts.
+cdef double LOWAT_RATE_WINDOW_S = 0.01
+# A raised mark is cleared after this long even while input flows, so the next wake-ups measure
+# the stream without it and the choice is made again: a stream that sped up until every wake-up
+# finds more than the mark queued anyway would otherwise keep it for its whole life, paying for
+# it (see "Receive low-water mark") without saving a wake-up.
+cdef double LOWAT_REVIEW_S = 0.5
 
 _REASONS = ("eof", "closed", "reset", "idle-timeout", "half-close-timeout", "aborted", "error")
 _STATES = ("free", "pending", "active", "parked")
@@ -162,6 +172,9 @@ cdef void reset_pair(Pair* p, uint32_t slot) noexcept nogil:
         p.dirs[k].bytes = 0
         p.dirs[k].last_input = 0.0
         p.dirs[k].lowat_hold_s = 0.0
+        p.dirs[k].lowat_armed_at = 0.0
+        p.dirs[k].rate_window_start = 0.0
+        p.dirs[k].rate_window_bytes = 0
         p.dirs[k].buffer = NULL
         p.dirs[k].pipe_read = -1
         p.dirs[k].pipe_write = -1
@@ -407,16 +420,24 @@ cdef int socket_error(int fd) noexcept nogil:
 # Receive low-water mark (Relay(lowat_bytes=..., lowat_hold_s=...); 0 bytes switches it off).
 # A bulk stream paced by the network (a 1 Gbit/s link) wakes the worker once per arriving
 # burst, ~64 KiB each, for a splice-in, a splice-out and an EAGAIN: about half the relay's CPU
-# per GB there. Once a direction drains its source reading >= lowat/4 per wake-up, at a rate
-# that brings lowat bytes within lowat_hold_s, SO_RCVLOWAT = lowat on the source makes the
-# kernel wake us only when that much is queued (or on FIN, memory pressure or a nearly closed
-# window: tcp_epollin_ready). A tail shorter than lowat would then wait for data that may never
-# come, so a direction that read nothing for twice its expected fill time (at most
+# per GB there. When a direction's input rate, measured over LOWAT_RATE_WINDOW_S, brings lowat
+# bytes in between LOWAT_MIN_FILL_S and lowat_hold_s, SO_RCVLOWAT = lowat on the source makes
+# the kernel wake us only when that much is queued (or on FIN, memory pressure or a nearly
+# closed window: tcp_epollin_ready). A tail shorter than lowat would then wait for data that
+# may never come, so a direction that read nothing for twice its expected fill time (at most
 # lowat_hold_s) gets its mark cleared, and tcp_set_rcvlowat() signals EPOLLIN at once if bytes
-# wait. A small message right after a fast stream is therefore delayed by at most lowat_hold_s
-# (4 ms by default; well under 1 ms at 10 Gbit/s), and a direction that never streams fast is
-# never touched. EOF, park() and swap_fd() clear the mark too.
+# wait. A small message right after a paced stream is therefore delayed by at most
+# lowat_hold_s (4 ms by default). Faster streams are left alone (LOWAT_MIN_FILL_S says why),
+# and a raised mark is cleared every LOWAT_REVIEW_S so a stream that sped up loses it. EOF,
+# park() and swap_fd() clear the mark too.
 # --------------------------------------------------------------------------------------------
+
+cdef inline double lowat_due(Direction* d) noexcept nogil:
+    """When a raised mark is cleared: after its hold without input, or for review."""
+    cdef double idle_due = d.last_input + d.lowat_hold_s
+    cdef double review_due = d.lowat_armed_at + LOWAT_REVIEW_S
+    return idle_due if idle_due < review_due else review_due
+
 
 cdef void lowat_arm(Worker* w, Pair* p, int k, double hold_s) noexcept nogil:
     cdef int value = <int>w.lowat_bytes
@@ -435,33 +456,42 @@ cdef void lowat_arm(Worker* w, Pair* p, int k, double hold_s) noexcept nogil:
         return
     p.dirs[k].flags |= DIR_LOWAT
     p.dirs[k].lowat_hold_s = hold_s
+    p.dirs[k].lowat_armed_at = w.now
     w.lowat[w.lowat_count] = event_token(p, k)
     w.lowat_count += 1
     relay_counter_add(&w.counters.lowat_sets, 1)
-    due = p.dirs[k].last_input + hold_s
+    due = lowat_due(&p.dirs[k])
     if w.lowat_count == 1 or due < w.lowat_check_at:
         w.lowat_check_at = due
 
 
-cdef void consider_lowat(Worker* w, Pair* p, int k, uint64_t moved_in) noexcept nogil:
-    """A drained direction just read a bulk amount: raise its mark if the stream is fast.
+cdef void consider_lowat(Worker* w, Pair* p, int k, uint64_t moved_in, bint drained) noexcept nogil:
+    """Input moved on a direction without a mark: raise it if the stream is paced.
 
-    At the rate since the previous input, lowat bytes take `fill_s` to arrive. The mark is
-    raised only if they come within the worker's hold bound, and it is held for twice that
-    (at most the bound): a 10 Gbit/s stream's tail then waits well under a millisecond, a
-    1 Gbit/s one's a few, and a slow stream is never touched (it would only churn the option).
+    The rate is measured over LOWAT_RATE_WINDOW_S. At that rate lowat bytes take `fill_s` to
+    arrive; the mark is raised (at the end of a window in which the source was drained) only if
+    that is between LOWAT_MIN_FILL_S and the worker's hold bound, and it is held for twice that
+    (at most the bound): a 1 Gbit/s stream's tail waits a few milliseconds, and neither a slow
+    stream (it would only churn the option) nor a very fast one is touched.
     """
-    cdef double fill_s = (<double>w.lowat_bytes * (w.now - p.dirs[k].last_input)
-                          / <double>moved_in)
-    cdef double hold_s = 2.0 * fill_s
-    if fill_s > w.lowat_hold_s:
+    cdef Direction* d = &p.dirs[k]
+    cdef double elapsed_s
+    cdef double fill_s
+    cdef double hold_s
+    d.rate_window_bytes += moved_in
+    elapsed_s = w.now - d.rate_window_start
+    if elapsed_s < LOWAT_RATE_WINDOW_S or not drained:
         return
+    fill_s = <double>w.lowat_bytes * elapsed_s / <double>d.rate_window_bytes
+    d.rate_window_start = w.now
+    d.rate_window_bytes = 0
+    if fill_s > w.lowat_hold_s or fill_s < LOWAT_MIN_FILL_S:
+        return
+    hold_s = 2.0 * fill_s
     if hold_s > w.lowat_hold_s:
         hold_s = w.lowat_hold_s
-    elif hold_s < LOWAT_MIN_HOLD_S:
-        hold_s = LOWAT_MIN_HOLD_S
     # lowat_arm computes the deadline from last_input: the input just read.
-    p.dirs[k].last_input = w.now
+    d.last_input = w.now
     lowat_arm(w, p, k, hold_s)
 
 
@@ -496,7 +526,7 @@ cdef void lowat_expire(Worker* w) noexcept nogil:
         if (p.dirs[k].flags & DIR_EOF) or p.state != STATE_ACTIVE:
             lowat_disarm(p, k)
             continue
-        due = p.dirs[k].last_input + p.dirs[k].lowat_hold_s
+        due = lowat_due(&p.dirs[k])
         if due <= w.now:
             lowat_disarm(p, k)
             continue
@@ -720,10 +750,9 @@ cdef int pump_direction(Worker* w, Pair* p, int k) noexcept nogil:
     if d.in_pipe == 0 and d.pipe_read >= 0:
         detach_pipe(w, d)  # idle directions hold no pipe: back to the pool
     if moved_in:
-        if (w.lowat_bytes and not (p.ready & can_read)
-                and not (d.flags & (DIR_LOWAT | DIR_NO_LOWAT | DIR_EOF))
-                and p.state == STATE_ACTIVE and moved_in >= (w.lowat_bytes >> 2)):
-            consider_lowat(w, p, k, moved_in)
+        if (w.lowat_bytes and not (d.flags & (DIR_LOWAT | DIR_NO_LOWAT | DIR_EOF))
+                and p.state == STATE_ACTIVE):
+            consider_lowat(w, p, k, moved_in, not (p.ready & can_read))
         d.last_input = w.now
     return result
 

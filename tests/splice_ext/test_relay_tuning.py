@@ -30,9 +30,12 @@ STREAM_BYTES = 32 * 1024 * 1024
 LOWAT_BYTES = 1 << 20
 DEFAULT_LOWAT_BYTES = 256 * 1024
 TEST_LOWAT_BYTES = 64 * 1024
-PACED_CHUNK_BYTES = 128 * 1024
+# 64 KiB per millisecond (at most 64 MB/s): TEST_LOWAT_BYTES take >= 1 ms to arrive, inside
+# the window in which the engine raises the mark (0.5 ms .. the hold bound).
+PACED_CHUNK_BYTES = 64 * 1024
 PACE_S = 0.001
-PACED_STREAM_BYTES = 16 * 1024 * 1024  # 128 paced writes: ~0.2 s
+PACED_STREAM_BYTES = 8 * 1024 * 1024  # 128 paced writes: ~0.2 s
+FAST_STREAM_BYTES = 64 * 1024 * 1024
 STREAM_TIMEOUT_S = 30.0
 SMALL_MESSAGE = b"ping" * 25
 # Long enough that the checks below run while the mark is still raised, short enough for a test.
@@ -88,6 +91,23 @@ def test_lowat_is_on_by_default() -> None:
         Sender(pair.peer_a, data, shut_down=False).start()
         assert recv_exactly(pair.peer_b, len(data), STREAM_TIMEOUT_S) == data
         pair.close()
+
+
+def test_a_fast_stream_is_left_alone() -> None:
+    # Unpaced over loopback the stream brings TEST_LOWAT_BYTES in far less than 0.5 ms
+    # (>= 1 GB/s here; the bound is 128 MB/s): the worker is busy anyway, and the mark would
+    # only slow the sender down (benchmarks/README.md).
+    with Relay(workers=1, lowat_bytes=TEST_LOWAT_BYTES, lowat_hold_s=LONG_HOLD_S) as relay:
+        peer_a, peer_b, watch, _ = relayed_with_watch(relay)
+        try:
+            data = pattern(FAST_STREAM_BYTES, seed=27)
+            Sender(peer_a, data, shut_down=False).start()
+            assert recv_exactly(peer_b, len(data), STREAM_TIMEOUT_S) == data
+            assert relay.worker_stats()[0].lowat_sets == 0
+            assert so_rcvlowat(watch) == 1
+        finally:
+            for sock in (peer_a, peer_b, watch):
+                sock.close()
 
 
 def test_a_short_tail_after_a_paced_stream_is_released() -> None:
