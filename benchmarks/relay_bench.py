@@ -174,7 +174,7 @@ def relay_kinds(
             "splice_ext engine",
             7001,
             f"benchmarks/splice_relay_server.py, {workers} workers, pipes {pipe_size} B, "
-            "otherwise the engine's defaults (SO_RCVLOWAT 256 KiB on fast streams)",
+            "otherwise the engine's defaults (SO_RCVLOWAT 256 KiB on paced streams)",
         ),
     ]
     kinds += [
