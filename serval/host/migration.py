@@ -971,14 +971,15 @@ class MigrationEngine:
         try:
             async with asyncio.timeout(PARK_TIMEOUT_S):
                 fd = await managed.app.acquire()
-                _lock_input(fd)
+                repair.lock_input(fd)
                 locked_at = self._loop.time()
                 await managed.app.park()
         except (TimeoutError, OSError) as exc:
             self._count("park_failed")
             self._log.warning("migration_park_failed", flow=managed.flow_id, error=repr(exc))
             if fd is not None:
-                _unlock_input(fd)
+                with contextlib.suppress(OSError):
+                    repair.unlock_input(fd)
             with contextlib.suppress(Exception):
                 await managed.app.resume()
             return None
@@ -1036,7 +1037,8 @@ class MigrationEngine:
         if attempt.unfrozen_at is not None:
             return  # already committed (or rolled back)
         if frozen.window is None:
-            _unlock_input(frozen.fd)  # parked with the input lock, never frozen
+            with contextlib.suppress(OSError):  # parked with the input lock, never frozen
+                repair.unlock_input(frozen.fd)
             attempt.unfrozen_at = self._loop.time()
             return
         try:
@@ -1223,39 +1225,6 @@ _libc.send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_
 _libc.send.restype = ctypes.c_ssize_t
 _libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                              ctypes.c_uint32]
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF_RET|BPF_K, k=0: drop
-_SO_ATTACH_FILTER = 26
-_SO_DETACH_FILTER = 27
-
-
-def _lock_input(fd: int) -> None:
-    """The input lock of repair.freeze (drop-all socket filter, notes P2), taken *before*
-    parking so the application can drain the receive queue while nothing new arrives.
-    Dropped segments are not lost: the peer re-sends every byte we lack after the rebuild
-    (rsyn mode), or retransmits them if we roll back. freeze() attaches it again (a no-op
-    replacement); rollback() detaches it."""
-    program = _SockFprog(1, _DROP_ALL)
-    if _libc.setsockopt(fd, socket.SOL_SOCKET, _SO_ATTACH_FILTER, ctypes.byref(program),
-                        ctypes.sizeof(program)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"input lock: {os.strerror(err)}")
-
-
-def _unlock_input(fd: int) -> None:
-    value = ctypes.c_int(0)
-    _libc.setsockopt(fd, socket.SOL_SOCKET, _SO_DETACH_FILTER, ctypes.byref(value),
-                     ctypes.sizeof(value))
 
 
 def _set_mark(fd: int, mark: int) -> bool:

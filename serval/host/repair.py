@@ -318,6 +318,7 @@ class _SockFprog(ctypes.Structure):
 
 
 _BPF_RET_K = 0x06  # BPF_RET | BPF_K: "return k"; k = 0 accepts 0 bytes, i.e. drops
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(_BPF_RET_K, 0, 0, 0))
 
 
 SocketLike = socket.socket | int
@@ -738,7 +739,7 @@ def thaw_orphan(sock: SocketLike) -> str | None:
     fd = _fd(sock)
     found: list[str] = []
     try:
-        _setsockopt(fd, socket.SOL_SOCKET, SO_DETACH_FILTER, _INT.pack(0))
+        unlock_input(fd)
         found.append("input lock")
     except OSError:
         pass  # ENOENT: no filter, the usual case
@@ -765,6 +766,22 @@ def discard(sock: socket.socket) -> None:
 _FROZEN_WINDOWS: dict[int, RepairWindow] = {}
 
 
+def lock_input(sock: SocketLike) -> None:
+    """The input lock (notes P2): a drop-all classic-BPF filter, run before any TCP
+    processing, so no data, ACK or RST reaches the state machine. Dropped segments are not
+    lost: the peer retransmits them. Attaching it again replaces it (a no-op)."""
+    program = _SockFprog(1, _DROP_ALL)
+    if _libc.setsockopt(_fd(sock), socket.SOL_SOCKET, SO_ATTACH_FILTER, ctypes.byref(program),
+                        ctypes.sizeof(program)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"input lock: {os.strerror(err)}")
+
+
+def unlock_input(sock: SocketLike) -> None:
+    """Detach the input lock; OSError (ENOENT) if there was none."""
+    _setsockopt(_fd(sock), socket.SOL_SOCKET, SO_DETACH_FILTER, _INT.pack(0))
+
+
 def freeze(sock: SocketLike) -> RepairWindow:
     """Lock the socket in both directions and enter repair mode (notes 3.1 steps 1-3).
 
@@ -774,13 +791,8 @@ def freeze(sock: SocketLike) -> RepairWindow:
     Returns the window as it was; on failure the socket is left as it was found.
     """
     fd = _fd(sock)
-    instruction = (_SockFilter * 1)(_SockFilter(_BPF_RET_K, 0, 0, 0))
-    program = _SockFprog(1, instruction)
-    if _libc.setsockopt(fd, socket.SOL_SOCKET, SO_ATTACH_FILTER, ctypes.byref(program),
-                        ctypes.sizeof(program)) != 0:
-        exc = _os_error()
-        with _step("attach_filter"):
-            raise exc
+    with _step("attach_filter"):
+        lock_input(fd)
     try:
         with _step("repair_on"):
             _set_repair(fd, TCP_REPAIR_ON)
@@ -797,7 +809,7 @@ def freeze(sock: SocketLike) -> RepairWindow:
             raise
     except BaseException:
         with contextlib.suppress(OSError):
-            _setsockopt(fd, socket.SOL_SOCKET, SO_DETACH_FILTER, _INT.pack(0))
+            unlock_input(fd)
         raise
     _FROZEN_WINDOWS[socket_cookie(fd)] = window
     return window
@@ -1089,6 +1101,6 @@ def rollback(sock: SocketLike, state: SocketState | None = None) -> None:
             _select_queue(fd, TCP_NO_QUEUE)  # in case a dump failed half-way
         if window is not None:
             _setsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, window.pack())
-        _setsockopt(fd, socket.SOL_SOCKET, SO_DETACH_FILTER, _INT.pack(0))
+        unlock_input(fd)
         _FROZEN_WINDOWS.pop(cookie, None)
     release(fd)
