@@ -28,13 +28,13 @@ Contract (details in each method's docstring in ``_relay.pyi``):
   ``pipe_size`` bytes; with MSS-sized fragments much less). Once the destination stops taking
   bytes and the pipe holds ``pipe_size``, the engine stops reading and the source's TCP window
   closes: a stalled pair costs no CPU.
-- **Wake-ups.** A direction whose stream is paced by the network (measured over 10 ms, it
-  brings ``lowat_bytes`` in between 0.5 ms and ``lowat_hold_s``: about 0.5 to 4 Gbit/s for the
-  default 256 KiB) gets SO_RCVLOWAT = ``lowat_bytes`` on its source: the worker then wakes once
-  per 256 KiB instead of once per arriving burst (~64 KiB through a 1 Gbit/s link), which cut
-  relay CPU per GB by about half there. Faster streams are left alone: the worker is rarely
-  asleep when their bytes arrive, and with the mark a 28 Gbit/s sender was measured 25-30%
-  slower. The mark is cleared after twice the expected fill time without input (at most
+- **Wake-ups.** A direction whose stream is paced by the network (in two 10 ms windows in a
+  row it brings ``lowat_bytes`` in between 0.5 ms and ``lowat_hold_s``: about 0.5 to 4 Gbit/s
+  for the default 256 KiB) gets SO_RCVLOWAT = ``lowat_bytes`` on its source: the worker then
+  wakes once per 256 KiB instead of once per arriving burst (~64 KiB through a 1 Gbit/s link),
+  which cut relay CPU per GB by about half there. Faster streams are left alone: the worker
+  is rarely asleep when their bytes arrive, and with the mark a 28 Gbit/s sender was measured
+  25-30% slower. The mark is cleared after twice the expected fill time without input (at most
   ``lowat_hold_s``, 4 ms by default), on EOF, on ``park()``, and every 0.5 s so the rate is
   measured again; a tail or a small message right after a paced stream waits at most
   ``lowat_hold_s``. ``lowat_bytes=0`` switches it off.

@@ -61,6 +61,7 @@ cdef enum:
     DIR_COPY_OUT = 16    # splice-out is refused too: drain the pipe through the copy buffer
     DIR_LOWAT = 32       # SO_RCVLOWAT is raised on the source (see "Receive low-water mark")
     DIR_NO_LOWAT = 64    # the source refused SO_RCVLOWAT (not a socket): do not ask again
+    DIR_PACED = 128      # the last rate window looked paced: one more and the mark is raised
 
     # Pair.flags
     PAIR_READY_LISTED = 1
@@ -421,7 +422,7 @@ cdef int socket_error(int fd) noexcept nogil:
 # A bulk stream paced by the network (a 1 Gbit/s link) wakes the worker once per arriving
 # burst, ~64 KiB each, for a splice-in, a splice-out and an EAGAIN: about half the relay's CPU
 # per GB there. When a direction's input rate, measured over LOWAT_RATE_WINDOW_S, brings lowat
-# bytes in between LOWAT_MIN_FILL_S and lowat_hold_s, SO_RCVLOWAT = lowat on the source makes
+# bytes in between LOWAT_MIN_FILL_S and lowat_hold_s in two windows in a row, SO_RCVLOWAT = lowat on the source makes
 # the kernel wake us only when that much is queued (or on FIN, memory pressure or a nearly
 # closed window: tcp_epollin_ready). A tail shorter than lowat would then wait for data that
 # may never come, so a direction that read nothing for twice its expected fill time (at most
@@ -470,7 +471,8 @@ cdef void consider_lowat(Worker* w, Pair* p, int k, uint64_t moved_in, bint drai
 
     The rate is measured over LOWAT_RATE_WINDOW_S. At that rate lowat bytes take `fill_s` to
     arrive; the mark is raised (at the end of a window in which the source was drained) only if
-    that is between LOWAT_MIN_FILL_S and the worker's hold bound, and it is held for twice that
+    that is between LOWAT_MIN_FILL_S and the worker's hold bound in two windows in a row, and
+    it is held for twice that
     (at most the bound): a 1 Gbit/s stream's tail waits a few milliseconds, and neither a slow
     stream (it would only churn the option) nor a very fast one is touched.
     """
@@ -486,7 +488,14 @@ cdef void consider_lowat(Worker* w, Pair* p, int k, uint64_t moved_in, bint drai
     d.rate_window_start = w.now
     d.rate_window_bytes = 0
     if fill_s > w.lowat_hold_s or fill_s < LOWAT_MIN_FILL_S:
+        d.flags &= ~DIR_PACED
         return
+    if not (d.flags & DIR_PACED):
+        # One window is not enough: a fast sender that stalled for part of it (descheduled,
+        # a GIL, a full send buffer drained late) looks paced for exactly one window.
+        d.flags |= DIR_PACED
+        return
+    d.flags &= ~DIR_PACED
     hold_s = 2.0 * fill_s
     if hold_s > w.lowat_hold_s:
         hold_s = w.lowat_hold_s
