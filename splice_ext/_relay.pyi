@@ -39,11 +39,11 @@ class Relay:
             pairs (the pair is revisited in the same loop iteration).
         splice_more: experiment, off by default: pass SPLICE_F_MORE on splice-out while the
             source is still readable (the kernel already sets MSG_MORE inside one call).
-        lowat_bytes: once a direction's stream looks paced by the network (measured over
-            two 10 ms windows in a row, it brings this many bytes in between 0.5 ms and
-            ``lowat_hold_s``), set
-            SO_RCVLOWAT to it on the source: the worker wakes once per ``lowat_bytes`` instead
-            of once per arriving burst. Default 256 KiB; 0 switches it off.
+        lowat_bytes: once a direction's stream looks paced by the network (in two 10 ms
+            windows in a row it brings this many bytes in between 0.5 ms and
+            ``lowat_hold_s``), set SO_RCVLOWAT to it on the source: the worker wakes once per
+            ``lowat_bytes`` instead of once per arriving burst. Default 256 KiB; 0 switches it
+            off.
         lowat_hold_s: upper bound of how long a raised SO_RCVLOWAT waits for input before it is
             cleared (it is held for twice the expected fill time, within this bound), i.e. the
             most a tail or a small message right after a paced stream is delayed. Default 4 ms.

@@ -422,15 +422,15 @@ cdef int socket_error(int fd) noexcept nogil:
 # A bulk stream paced by the network (a 1 Gbit/s link) wakes the worker once per arriving
 # burst, ~64 KiB each, for a splice-in, a splice-out and an EAGAIN: about half the relay's CPU
 # per GB there. When a direction's input rate, measured over LOWAT_RATE_WINDOW_S, brings lowat
-# bytes in between LOWAT_MIN_FILL_S and lowat_hold_s in two windows in a row, SO_RCVLOWAT = lowat on the source makes
-# the kernel wake us only when that much is queued (or on FIN, memory pressure or a nearly
-# closed window: tcp_epollin_ready). A tail shorter than lowat would then wait for data that
-# may never come, so a direction that read nothing for twice its expected fill time (at most
-# lowat_hold_s) gets its mark cleared, and tcp_set_rcvlowat() signals EPOLLIN at once if bytes
-# wait. A small message right after a paced stream is therefore delayed by at most
-# lowat_hold_s (4 ms by default). Faster streams are left alone (LOWAT_MIN_FILL_S says why),
-# and a raised mark is cleared every LOWAT_REVIEW_S so a stream that sped up loses it. EOF,
-# park() and swap_fd() clear the mark too.
+# bytes in between LOWAT_MIN_FILL_S and lowat_hold_s in two windows in a row, SO_RCVLOWAT =
+# lowat on the source makes the kernel wake us only when that much is queued (or on FIN,
+# memory pressure or a nearly closed window: tcp_epollin_ready). A tail shorter than lowat
+# would then wait for data that may never come, so a direction that read nothing for twice its
+# expected fill time (at most lowat_hold_s) gets its mark cleared, and tcp_set_rcvlowat()
+# signals EPOLLIN at once if bytes wait. A small message right after a paced stream is
+# therefore delayed by at most lowat_hold_s (4 ms by default). Faster streams are left alone
+# (LOWAT_MIN_FILL_S says why), and a raised mark is cleared every LOWAT_REVIEW_S so a stream
+# that sped up loses it. EOF, park() and swap_fd() clear the mark too.
 # --------------------------------------------------------------------------------------------
 
 cdef inline double lowat_due(Direction* d) noexcept nogil:
@@ -472,9 +472,9 @@ cdef void consider_lowat(Worker* w, Pair* p, int k, uint64_t moved_in, bint drai
     The rate is measured over LOWAT_RATE_WINDOW_S. At that rate lowat bytes take `fill_s` to
     arrive; the mark is raised (at the end of a window in which the source was drained) only if
     that is between LOWAT_MIN_FILL_S and the worker's hold bound in two windows in a row, and
-    it is held for twice that
-    (at most the bound): a 1 Gbit/s stream's tail waits a few milliseconds, and neither a slow
-    stream (it would only churn the option) nor a very fast one is touched.
+    it is held for twice that (at most the bound): a 1 Gbit/s stream's tail waits a few
+    milliseconds, and neither a slow stream (it would only churn the option) nor a very fast
+    one is touched.
     """
     cdef Direction* d = &p.dirs[k]
     cdef double elapsed_s
